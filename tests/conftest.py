@@ -1,0 +1,26 @@
+"""Shared test configuration."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # The statistical tests and benchmarks-as-tests assume the two-core CI machine.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from a fixed global seed (tests that need more use generators)."""
+    torch.manual_seed(0)
+    yield
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
