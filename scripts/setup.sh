@@ -4,10 +4,10 @@
 #   * torch_crit installed editable with the given extras,
 #   * the C++ operator library torch_crit._C compiled ahead of time (not on first import).
 # Idempotent: re-running only rebuilds when the build inputs changed.
-# Usage: scripts/setup.sh [extras]   e.g. scripts/setup.sh test,demo
+# One environment serves the demo and the tests (extras [test] include [demo]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-demo}"
+EXTRAS="test"
 PY="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_CRIT_TORCH_SPEC:-torch==2.13.0}"
 if [ ! -x .venv/bin/python ]; then
@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-stamp=".venv/.torch_crit-setup-${EXTRAS//,/_}"
+stamp=".venv/.torch_crit-setup"
 inputs=$(cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$VPY" -c "import torch_crit._C" 2>/dev/null; then
   echo "[setup] .venv is up to date"
