@@ -18,8 +18,12 @@ TORCH_LIBRARY(torch_crit, m) {
   // out[i, j, a, b] += sum_t sum_m A_t[i, a, m] * B_t[j, b, m] * C_t[i, j (, a, b)]
   //   out: [N1, N2, K1, K2]; A_t: [N1, K1, M_t]; B_t: [N2, K2, M_t];
   //   C_t: None (all ones), [N1, N2] or [N1, N2, K1, K2].
-  // The fused primitive behind the structured NTK and dNTK (docs/architecture.md).
+  //   accumulate_fp64: float64 inner products and accumulation for float32 inputs.
+  //   symmetric: compute the pairs i <= j only; out[j, i, b, a] (i < j) gets the value of
+  //     out[i, j, a, b] (exact when the summed contribution is symmetric, e.g. NTK(x, x)).
+  // The fused primitive behind the structured NTK and dNTK (docs/architecture.md). Argument
+  // rules: csrc/gram_hadamard.h; CPU kernel: csrc/cpu/; CUDA kernel: csrc/cuda/.
   m.def(
       "gram_hadamard_accumulate_(Tensor(a!) out, Tensor[] A, Tensor[] B, Tensor?[] C, "
-      "bool accumulate_fp64=False) -> ()");
+      "bool accumulate_fp64=False, bool symmetric=False) -> ()");
 }
