@@ -46,8 +46,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "full_N64": {"N": 64, "K": 10, "M": [512] * 8 + [10], "quick": True},
     "full_N256": {"N": 256, "K": 10, "M": [512] * 8 + [10], "quick": True},
     "trace_N1024": {"N": 1024, "K": 1, "M": [5120] * 8 + [100], "quick": True},
-    "full_N1024": {"N": 1024, "K": 10, "M": [512] * 8 + [10], "quick": False},
     "trace_N4096": {"N": 4096, "K": 1, "M": [5120] * 3, "quick": False},
+    "full_N1024": {"N": 1024, "K": 10, "M": [512] * 8 + [10], "quick": False},
 }
 METHODS = ["reference", "ext", "ext_sym", "ext_fp64acc"]
 N_PROBE = 4096

@@ -8,8 +8,9 @@ scikit-learn, no download), mean cross-entropy loss.
   1/(3·fan_in)) and one global learning rate, the best of a small grid *for each depth*
   (favours the baseline).
 * **critical**: ``torch_crit.init_`` (critical (C_b, C_W), (5.67)/(5.90)) and
-  ``torch_crit.param_groups`` with ONE pair (lr_b, lr_W) = (η λ̃_b, η λ̃_W) for every depth —
-  the learning-rate equivalence principle (9.94)–(9.96) makes it depth-independent.
+  ``torch_crit.param_groups`` with ONE pair (lr_b, lr_W) = (η λ̃_b, η λ̃_W) per activation, the
+  same at every depth (ReLU (10, 10), tanh (3, 3); chosen once at depth 10–30) — the
+  learning-rate equivalence principle (9.94)–(9.96) makes it depth-independent.
 
 The script prints the final train-loss table (and accuracy) and writes
 ``benchmarks/results/depth_trainability.json`` (atomically, after every run).
@@ -41,6 +42,8 @@ import torch_crit
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = RESULTS_DIR / "depth_trainability.json"  # --quick writes depth_trainability_quick.json
 ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+# one (lr_b, lr_W) pair per activation, used unchanged at every depth
+PAIRS = {"relu": (10.0, 10.0), "tanh": (3.0, 3.0)}
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +109,12 @@ def main() -> None:
     ap.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=sorted(ACTS))
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0],
+    ap.add_argument("--grid", type=float, nargs="+", default=[0.03, 0.1, 0.3],
                     help="global learning rates tried for the default init (best per depth is kept)")
-    ap.add_argument("--lr-b", type=float, default=10.0, help="critical: lr_b = η λ̃_b, the same for every depth")
-    ap.add_argument("--lr-w", type=float, default=10.0, help="critical: lr_W = η λ̃_W, the same for every depth")
+    ap.add_argument("--lr-b", type=float, default=None,
+                    help="critical: lr_b = η λ̃_b, the same for every depth (default: relu 10, tanh 3)")
+    ap.add_argument("--lr-w", type=float, default=None,
+                    help="critical: lr_W = η λ̃_W, the same for every depth (default: relu 10, tanh 3)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -139,18 +144,21 @@ def main() -> None:
                       f" ({r['seconds']:.0f}s)", flush=True)
                 if best is None or r["loss"] < best[1]["loss"]:
                     best = (lr, r)
+            lr_b = PAIRS[act][0] if args.lr_b is None else args.lr_b
+            lr_w = PAIRS[act][1] if args.lr_w is None else args.lr_w
             torch.manual_seed(args.seed)
             net = make_mlp(act, depth, args.width)
             report = torch_crit.init_(net, generator=torch.Generator().manual_seed(args.seed))
-            groups = torch_crit.param_groups(net, args.lr_b, args.lr_w, report=report)
+            groups = torch_crit.param_groups(net, lr_b, lr_w, report=report)
             r = train(net, groups, None, x, y, args.steps, args.batch, args.seed)
-            payload["runs"].append({"activation": act, "depth": depth, "setup": "critical", "lr_b": args.lr_b,
-                                    "lr_W": args.lr_w, "C_b": report.layers[1].C_b, "C_W": report.layers[1].C_W, **r})
-            print(f"  critical {act:5s} L={depth:3d} lr_b=lr_W={args.lr_b:<4g} loss={r['loss']:.4f} "
+            payload["runs"].append({"activation": act, "depth": depth, "setup": "critical", "lr_b": lr_b,
+                                    "lr_W": lr_w, "C_b": report.layers[1].C_b, "C_W": report.layers[1].C_W, **r})
+            print(f"  critical {act:5s} L={depth:3d} lr_b={lr_b:g} lr_W={lr_w:g} loss={r['loss']:.4f} "
                   f"acc={r['accuracy']:.3f} ({r['seconds']:.0f}s)", flush=True)
             row = {"activation": act, "depth": depth, "default_best_lr": best[0], "default_loss": best[1]["loss"],
                    "default_accuracy": best[1]["accuracy"], "critical_loss": r["loss"],
                    "critical_accuracy": r["accuracy"], "critical_initial_loss": r["initial_loss"],
+                   "critical_lr_b": lr_b, "critical_lr_W": lr_w,
                    "default_initial_loss": best[1]["initial_loss"]}
             rows.append(row)
             payload["table"] = rows
@@ -158,14 +166,15 @@ def main() -> None:
     print()
     print(f"Final train loss after {args.steps} SGD steps (batch {args.batch}, width {args.width}; "
           f"ln 10 = {math.log(10):.3f} is chance)")
-    crit = f"critical (lr_b={args.lr_b:g}, lr_W={args.lr_w:g})"
-    head = f"{'act':5s} {'L':>4s} | {'default: best lr':>16s} {'start':>6s} {'final':>7s} {'acc':>5s} | {crit:>24s} {'start':>6s} {'final':>7s} {'acc':>5s}"
+    head = (f"{'act':5s} {'L':>4s} | {'default: best lr':>16s} {'start':>6s} {'final':>7s} {'acc':>5s} | "
+            f"{'critical: lr_b, lr_W':>20s} {'start':>6s} {'final':>7s} {'acc':>5s}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        pair = f"{r['critical_lr_b']:g}, {r['critical_lr_W']:g}"
         print(f"{r['activation']:5s} {r['depth']:4d} | {r['default_best_lr']:>16g} {r['default_initial_loss']:6.3f} "
-              f"{r['default_loss']:7.4f} {100 * r['default_accuracy']:4.0f}% | {'':>24s} {r['critical_initial_loss']:6.3f} "
-              f"{r['critical_loss']:7.4f} {100 * r['critical_accuracy']:4.0f}%")
+              f"{r['default_loss']:7.4f} {100 * r['default_accuracy']:4.0f}% | {pair:>20s} "
+              f"{r['critical_initial_loss']:6.3f} {r['critical_loss']:7.4f} {100 * r['critical_accuracy']:4.0f}%")
     print(f"\nwrote {out_path}")
 
 

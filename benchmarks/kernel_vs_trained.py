@@ -129,7 +129,7 @@ def check_step_matches_sgd(model: nn.Sequential, groups: list[dict[str, Any]], x
     err = 0.0
     for l, m in enumerate(lins):
         for a, b in ((ens.W[l][0].T, m.weight), (ens.b[l][0, 0], m.bias)):
-            err = max(err, float((a - b).abs().max() / b.abs().max()))
+            err = max(err, float((a.detach() - b.detach()).abs().max() / b.detach().abs().max()))
     return err
 
 
@@ -227,12 +227,12 @@ def main() -> int:
     ap.add_argument("--lr-W", type=float, default=1.0, help="lr_W of param_groups before the global scale")
     ap.add_argument("--n-emp", type=int, default=2, help="networks per width compared with their own linearized model")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="training dtype (theory is float64)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-nodes", type=int, default=None, help="quadrature nodes per panel for the tanh kernels (default: library's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.quick:
         widths = args.widths or [64, 128, 256]
         ens = args.ensemble or [4]
@@ -264,7 +264,7 @@ def main() -> int:
     fan_in = [m.in_features for m in probe if isinstance(m, nn.Linear)]
     lam_W = [lr * n for lr, n in zip(lw, fan_in)]  # lambda_W^(l) = lr(W^(l)) n_{l-1}  (eta = 1), (8.6)
     lam_b = lb
-    kern = infinite_width_kernels("tanh", C_b, C_W, args.depth, x_a, x_b, lambda_b=lam_b, lambda_W=lam_W)
+    kern = infinite_width_kernels("tanh", C_b, C_W, args.depth, x_a, x_b, lambda_b=lam_b, lambda_W=lam_W, n_nodes=args.n_nodes)
     lam_max = float(torch.linalg.eigvalsh(kern.ntk[: len(x_a), : len(x_a)])[-1])
     scale = args.eta_frac / lam_max
     pred = ntk_prediction(y_a, kern, learning_rate=scale, steps=args.steps)

@@ -15,8 +15,9 @@ Rows:
   linearly in depth; the row says so).
 * quadrature path: tanh kernel recursion (2-D Gauss–Legendre per pair), reported per pair and layer.
 
-Timing: best of ``--repeats`` wall-clock runs, with ``torch.set_num_threads(--threads)``. The
-development machine is shared by other jobs: compare columns of one run, not runs.
+Timing: best of ``--repeats`` wall-clock runs, with ``torch.set_num_threads(--threads)``, and the
+process CPU time of that run (with one thread, an estimate of the wall time on an idle machine).
+The development machine is shared by other jobs: compare columns of one run, not runs.
 """
 from __future__ import annotations
 
@@ -37,13 +38,27 @@ import torch  # noqa: E402
 from torch_crit.theory import critical_point, kernel_and_ntk_recursion, kernel_recursion  # noqa: E402
 
 
+_CPU: dict[int, float] = {}
+
+
 def _best(fn: Callable[[], Any], repeats: int) -> float:
-    best = math.inf
+    """Best wall time of ``repeats`` runs; the process CPU time of that run goes to ``_CPU[id(fn)]``."""
+    best, cpu = math.inf, math.inf
     for _ in range(repeats):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        if wall < best:
+            best, cpu = wall, time.process_time() - c
+    _CPU[id(fn)] = cpu
     return best
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(best wall seconds, CPU seconds of that run); with one thread the CPU time approximates
+    the wall time on an idle machine."""
+    wall = _best(fn, repeats)
+    return wall, _CPU.pop(id(fn))
 
 
 def _scipy_critical(beta: float) -> float:
@@ -118,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, fn in cases.items():
         fn()  # warm-up (torch kernels); every call builds a new callable, so no cache hit
-        t = _best(fn, args.repeats)
-        rows.append({"case": f"critical_point: {name}", "torch_crit_s": t, "target_s": 0.5})
+        t, cpu = _timed(fn, args.repeats)
+        rows.append({"case": f"critical_point: {name}", "torch_crit_s": t, "torch_crit_cpu_s": cpu, "target_s": 0.5})
     try:
         t0 = time.perf_counter()
         kb = _scipy_critical(1.1)
@@ -135,35 +150,41 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(N, 32, generator=gen, dtype=torch.float64)
     G = (x @ x.T / 32).numpy()
     kernel_recursion("relu", 0.0, 2.0, x, depth=3)
-    t_k = _best(lambda: kernel_recursion("relu", 0.0, 2.0, x, depth=depth), args.repeats)
-    t_kt = _best(lambda: kernel_and_ntk_recursion("relu", 0.0, 2.0, 1.0, 1.0, x, depth=depth), args.repeats)
-    t_np = _best(lambda: _numpy_relu(G, depth), 1)
+    t_k, c_k = _timed(lambda: kernel_recursion("relu", 0.0, 2.0, x, depth=depth), args.repeats)
+    t_kt, c_kt = _timed(lambda: kernel_and_ntk_recursion("relu", 0.0, 2.0, 1.0, 1.0, x, depth=depth), args.repeats)
+    t_np, c_np = _timed(lambda: _numpy_relu(G, depth), 1)
     loop_layers = 3
     t_loop = _best(lambda: _loop_relu(G, loop_layers + 1), 1) * (depth - 1) / loop_layers
     K = kernel_recursion("relu", 0.0, 2.0, x, depth=depth)[-1].numpy()
     err = float(np.abs(K - _numpy_relu(G, depth)).max() / np.abs(K).max())
-    rows.append({"case": f"kernel_recursion relu L={depth} N={N}", "torch_crit_s": t_k, "target_s": 1.0,
-                 "baseline": "numpy full-matrix", "baseline_s": t_np, "max_rel_diff": err})
+    rows.append({"case": f"kernel_recursion relu L={depth} N={N}", "torch_crit_s": t_k, "torch_crit_cpu_s": c_k,
+                 "target_s": 1.0, "baseline": "numpy full-matrix", "baseline_s": t_np, "baseline_cpu_s": c_np,
+                 "max_rel_diff": err})
     rows.append({"case": f"kernel_recursion relu L={depth} N={N} (pair loop)", "torch_crit_s": t_k,
                  "baseline": f"python pair loop (extrapolated from {loop_layers} layers)", "baseline_s": t_loop})
-    rows.append({"case": f"kernel_and_ntk_recursion relu L={depth} N={N}", "torch_crit_s": t_kt, "target_s": 1.0})
-    t_erf = _best(lambda: kernel_and_ntk_recursion("erf", 0.0, 1.0, 1.0, 1.0, x, depth=depth), args.repeats)
-    rows.append({"case": f"kernel_and_ntk_recursion erf (arcsine) L={depth} N={N}", "torch_crit_s": t_erf})
+    rows.append({"case": f"kernel_and_ntk_recursion relu L={depth} N={N}", "torch_crit_s": t_kt,
+                 "torch_crit_cpu_s": c_kt, "target_s": 1.0})
+    t_erf, c_erf = _timed(lambda: kernel_and_ntk_recursion("erf", 0.0, 1.0, 1.0, 1.0, x, depth=depth), args.repeats)
+    rows.append({"case": f"kernel_and_ntk_recursion erf (arcsine) L={depth} N={N}", "torch_crit_s": t_erf,
+                 "torch_crit_cpu_s": c_erf})
 
     # ---------------------------------------------------------------- quadrature path
     Nq, Lq = (8, 3) if args.quick else (16, 5)
     xq = x[:Nq]
-    t_q = _best(lambda: kernel_recursion("tanh", 0.0, 1.0, xq, depth=Lq), 1)
+    t_q, c_q = _timed(lambda: kernel_recursion("tanh", 0.0, 1.0, xq, depth=Lq), 1)
     pairs = Nq * (Nq - 1) // 2
     rows.append({"case": f"kernel_recursion tanh (2-D quadrature) L={Lq} N={Nq}", "torch_crit_s": t_q,
-                 "per_pair_layer_us": 1e6 * t_q / (pairs * (Lq - 1))})
+                 "torch_crit_cpu_s": c_q, "per_pair_layer_us": 1e6 * c_q / (pairs * (Lq - 1))})
 
     # ---------------------------------------------------------------- report
-    print(f"{'case':<62} {'torch_crit [s]':>14} {'target [s]':>10} {'baseline [s]':>13}  baseline")
+    nan = float("nan")
+    print(f"{'case':<62} {'wall [s]':>9} {'cpu [s]':>8} {'target [s]':>10} {'baseline wall':>13} "
+          f"{'baseline cpu':>12}  baseline")
     for r in rows:
-        b = r.get("baseline_s")
-        print(f"{r['case']:<62} {r['torch_crit_s']:>14.4f} {r.get('target_s', float('nan')):>10.2f} "
-              f"{(b if b is not None else float('nan')):>13.4f}  {r.get('baseline', '')}")
+        b, bc = r.get("baseline_s"), r.get("baseline_cpu_s")
+        print(f"{r['case']:<62} {r['torch_crit_s']:>9.4f} {r.get('torch_crit_cpu_s', nan):>8.4f} "
+              f"{r.get('target_s', nan):>10.2f} {(b if b is not None else nan):>13.4f} "
+              f"{(bc if bc is not None else nan):>12.4f}  {r.get('baseline', '')}")
     write_results("theory_speed", {"threads": args.threads, "quick": args.quick, "rows": rows,
                                    "note": "shared 2-core machine; compare columns of one run"})
     return 0

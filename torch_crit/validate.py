@@ -14,9 +14,9 @@ networks) and measures, per layer :math:`\ell`, with exact per-network quantitie
   mean :math:`\Theta` and, from pairs of distinct probes, :math:`A` (Cov of diagonal entries),
   :math:`B` (second moment of off-diagonal entries), :math:`D` (with all other neurons'
   :math:`z_iz_i`), :math:`F` (:math:`z_iz_jH_{ij}`) (8.67), (8.82);
-* optionally (``dntk_networks > 0``) :math:`P, Q` of the output layer for a sub-ensemble, from
-  :func:`torch_crit.ntk.empirical_dntk` when it is available, else by torch.func
-  Hessian-vector products (§6.3 identities).
+* optionally (``dntk_networks > 0``) :math:`P, Q` of the output layer for a sub-ensemble, by
+  torch.func Hessian-vector products per network (§6.1, §6.3 identities; the dNTK is needed for
+  one input and the few output neurons only, which the HVP form gives directly).
 
 Every measured value has a standard error from the spread over independent networks
 (per-network statistics, so heavy tails are accounted for). :func:`validate` puts the
@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,26 @@ def _mean_se(y: Tensor) -> Estimate:
     mean = y.mean(0)
     se = y.std(0, unbiased=True) / math.sqrt(M) if M > 1 else torch.full_like(mean, float("inf"))
     return Estimate(mean, se)
+
+
+_STAT_CHUNK = 256  # networks per block when forming per-network [.., N, N, N, N] statistics
+
+
+def _chunked_mean_se(fn: Callable[[int, int], Tensor], M: int) -> Estimate:
+    """Mean and SE over ``M`` networks of a per-network statistic built block by block.
+
+    ``fn(lo, hi)`` returns the statistic of networks ``lo:hi`` (``[hi - lo, ...]``); only sums
+    and sums of squares are kept, so ``[M, N, N, N, N]`` temporaries are never formed.
+    """
+    s1 = s2 = None
+    for lo in range(0, M, _STAT_CHUNK):
+        y = fn(lo, min(M, lo + _STAT_CHUNK))
+        a, b = y.sum(0), (y * y).sum(0)
+        s1 = a if s1 is None else s1 + a
+        s2 = b if s2 is None else s2 + b
+    mean = s1 / M
+    var = (s2 - M * mean * mean).clamp(min=0.0) / max(M - 1, 1)
+    return Estimate(mean, torch.sqrt(var / M))
 
 
 @dataclass(frozen=True)
@@ -212,8 +232,12 @@ def sample_ensemble(
     fan_in = torch.tensor(widths[:-1], dtype=torch.float64)
     G_est = _mean_se(G_all)
     dG = G_all - G_est.value
-    cov = dG[:, :, :, :, None, None] * dG[:, :, None, None, :, :]  # [M, L, N, N, N, N]
-    V_raw = _mean_se(cov)
+
+    def cov(lo: int, hi: int) -> Tensor:  # per-network dG ⊗ dG, [hi - lo, L, N, N, N, N]
+        d = dG[lo:hi]
+        return d[:, :, :, :, None, None] * d[:, :, None, None, :, :]
+
+    V_raw = _chunked_mean_se(cov, M)
     scale = fan_in.view(L, 1, 1, 1, 1) * M / (M - 1)
     V_est = Estimate(V_raw.value * scale, V_raw.stderr * scale)
     Th = A = B = D = F = None
@@ -282,28 +306,40 @@ def _ntk_statistics(H: Tensor, zp: Tensor, zz: Tensor, n_layer: int, n_prev: flo
     nan4 = torch.full((N,) * 4, float("nan"), dtype=torch.float64)
     if k >= 2:
         off = ~torch.eye(k, dtype=torch.bool)
-        # A: mean over ordered pairs i != j of dH_ii ⊗ dH_jj
-        s = dH.sum(1)
-        pair = (s[:, :, :, None, None] * s[:, None, None] - torch.einsum("mkab,mkcd->mabcd", dH, dH)) / (k * (k - 1))
-        A = _mean_se(pair * n_prev)
-        Hoff = H[:, off]  # [M, k(k-1), N, N]
-        T = torch.einsum("mpab,mpcd->mabcd", Hoff, Hoff) / Hoff.shape[1]
-        Bm = _mean_se(T * n_prev)
+        npair = k * (k - 1)
+
+        def a_stat(lo: int, hi: int) -> Tensor:  # mean over ordered pairs i != j of dH_ii ⊗ dH_jj
+            d = dH[lo:hi]
+            s = d.sum(1)
+            return (s[:, :, :, None, None] * s[:, None, None] - torch.einsum("mkab,mkcd->mabcd", d, d)) / npair * n_prev
+
+        def b_stat(lo: int, hi: int) -> Tensor:  # mean over i != j of H_ij ⊗ H_ij
+            h = H[lo:hi][:, off]
+            return torch.einsum("mpab,mpcd->mabcd", h, h) / npair * n_prev
+
+        def f_stat(lo: int, hi: int) -> Tensor:  # mean over i != j of z_i z_j H_ij
+            h = H[lo:hi][:, off]
+            m = hi - lo
+            zi = zp[lo:hi, :, None, :].expand(m, k, k, N)[:, off]
+            zj = zp[lo:hi, None, :, :].expand(m, k, k, N)[:, off]
+            return torch.einsum("mpa,mpb,mpcd->mabcd", zi, zj, h) / npair * n_prev
+
+        A = _chunked_mean_se(a_stat, M)
+        Bm = _chunked_mean_se(b_stat, M)
         B = Estimate(Bm.value.permute(0, 2, 1, 3), Bm.stderr.permute(0, 2, 1, 3))
-        zi = zp[:, :, None, :].expand(M, k, k, N)[:, off]  # z_i for pair (i, j)
-        zj = zp[:, None, :, :].expand(M, k, k, N)[:, off]
-        Tf = torch.einsum("mpa,mpb,mpcd->mabcd", zi, zj, Hoff) / Hoff.shape[1]
-        Fm = _mean_se(Tf * n_prev)
+        Fm = _chunked_mean_se(f_stat, M)
         F = Estimate(Fm.value.permute(0, 2, 1, 3), Fm.stderr.permute(0, 2, 1, 3))
         res.update(A=A, B=B, F=F)
     else:
         res.update(A=Estimate(nan4, nan4), B=Estimate(nan4, nan4), F=Estimate(nan4, nan4))
     if n_layer >= 2:
-        # D: z_i z_i (all i != j) with dH_jj for probes j
-        zjj = torch.einsum("mka,mkb->mkab", zp, zp)
-        others = (zz[:, None] - zjj) / (n_layer - 1)  # [M, k, N, N]
-        Dt = torch.einsum("mkab,mkcd->mabcd", others, dH) / k
-        res["D"] = _mean_se(Dt * n_prev)
+
+        def d_stat(lo: int, hi: int) -> Tensor:  # z_i z_i (all i != j) with dH_jj for probes j
+            z = zp[lo:hi]
+            others = (zz[lo:hi, None] - torch.einsum("mka,mkb->mkab", z, z)) / (n_layer - 1)
+            return torch.einsum("mkab,mkcd->mabcd", others, dH[lo:hi]) / k * n_prev
+
+        res["D"] = _chunked_mean_se(d_stat, M)
     else:
         res["D"] = Estimate(nan4, nan4)
     return res
@@ -316,8 +352,7 @@ def _measure_dntk(spec: ArchitectureSpec, x: Tensor, M: int, gen: torch.Generato
     :math:`\widehat{dH}_{i_0i_1i_2} = u_{i_1}^\top(\nabla^2 z_{i_0})u_{i_2}` with
     :math:`u_i = \Lambda\nabla z_i` (THEORY.md §6.1), single input each; :math:`P/n =
     \mathbb E[\widehat{dH}_{ijj}z_i]`, :math:`Q/n = \mathbb E[\widehat{dH}_{iij}z_j]` over ordered
-    output pairs :math:`i \ne j`. Uses :func:`torch_crit.ntk.empirical_dntk` if importable,
-    else torch.func.
+    output pairs :math:`i \ne j`. Forward-over-reverse HVPs (torch.func), one network at a time.
     """
     from torch.func import grad, jvp
 

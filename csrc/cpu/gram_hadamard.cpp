@@ -2,7 +2,7 @@
 // argument rules in csrc/gram_hadamard.h).
 //
 // Work decomposition. Rows r = (i, a) of A_t and columns s = (j, b) of B_t are cut into tiles of
-// about kTileRows rows (whole samples per tile). For one (row tile, column tile) pair every term t
+// about kTileRows rows (whole samples per tile; smaller when that gives too few tiles per thread). For one (row tile, column tile) pair every term t
 // is handled in turn:
 //   1. G = A_t[tile rows] @ B_t[tile cols]^T  -> [Ti*K1, Tj*K2], one BLAS GEMM into a per-thread
 //      buffer (float64 GEMMs over float64 copies of the operands, in chunks of kChunkM columns,
@@ -42,6 +42,8 @@ namespace torch_crit {
 namespace {
 
 constexpr int64_t kTileRows = 320;   // target rows (i, a) / columns (j, b) per tile
+constexpr int64_t kMinTileRows = 64;  // smallest tile the tiling shrinks to for parallelism
+constexpr int64_t kTilesPerThread = 4;
 constexpr int64_t kChunkM = 1024;    // inner-dimension chunk of the float64 conversion buffers
 
 // One term with its operands as row matrices: A rows [N1*K1, M], B rows [N2*K2, M].
@@ -69,12 +71,19 @@ struct Tiling {
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (row tile, column tile) to compute
 };
 
-Tiling make_tiling(int64_t N1, int64_t N2, int64_t K1, int64_t K2, bool symmetric) {
+// Tiles of about `rows` rows and columns; halved (down to kMinTileRows) until every thread gets
+// about kTilesPerThread tile pairs, so that mid-sized problems still run tile-parallel.
+Tiling make_tiling(int64_t N1, int64_t N2, int64_t K1, int64_t K2, bool symmetric,
+                   int64_t n_threads) {
   Tiling t{N1, N2, K1, K2, 0, 0, 0, 0, symmetric, {}};
-  t.Ti = std::min<int64_t>(N1, std::max<int64_t>(1, (kTileRows + K1 - 1) / K1));
-  t.Tj = symmetric ? t.Ti : std::min<int64_t>(N2, std::max<int64_t>(1, (kTileRows + K2 - 1) / K2));
-  t.nI = (N1 + t.Ti - 1) / t.Ti;
-  t.nJ = (N2 + t.Tj - 1) / t.Tj;
+  for (int64_t rows = kTileRows;; rows /= 2) {
+    t.Ti = std::min<int64_t>(N1, std::max<int64_t>(1, (rows + K1 - 1) / K1));
+    t.Tj = symmetric ? t.Ti : std::min<int64_t>(N2, std::max<int64_t>(1, (rows + K2 - 1) / K2));
+    t.nI = (N1 + t.Ti - 1) / t.Ti;
+    t.nJ = (N2 + t.Tj - 1) / t.Tj;
+    const int64_t pairs = symmetric ? t.nI * (t.nI + 1) / 2 : t.nI * t.nJ;
+    if (pairs >= kTilesPerThread * n_threads || rows / 2 < kMinTileRows) break;
+  }
   for (int64_t bi = 0; bi < t.nI; ++bi)
     for (int64_t bj = symmetric ? bi : 0; bj < t.nJ; ++bj) t.pairs.emplace_back(bi, bj);
   return t;
@@ -244,7 +253,8 @@ void gram_hadamard_accumulate_cpu(at::Tensor& out, at::TensorList A, at::TensorL
     terms.push_back(std::move(ct));
   }
   if (terms.empty()) return;
-  const Tiling tl = make_tiling(out.size(0), out.size(1), out.size(2), out.size(3), symmetric);
+  const Tiling tl = make_tiling(out.size(0), out.size(1), out.size(2), out.size(3), symmetric,
+                                at::get_num_threads());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), kGramHadamardOp, [&] {
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     if (accumulate_fp64) {

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_dntk_reference import dntk_reference, jacobian_reference, ntk_reference, trainable
+from test_dntk_reference import dntk_reference, jacobian_reference, ntk_reference
 from torch_crit import _ops
 from torch_crit.ntk.dntk import DNTKMemoryError, SecondDerivativeError, empirical_dntk, ntk_velocity
 
@@ -376,3 +376,43 @@ def test_bad_options_and_shapes():
         empirical_dntk(nn.Sequential(nn.LayerNorm(3)).double(), x, method="structured")
     with pytest.raises(ValueError, match="dtype"):
         empirical_dntk(model, x.float())
+
+
+def test_memory_estimate_formula():
+    from torch_crit.ntk.dntk import estimate_dntk_memory
+
+    est = estimate_dntk_memory(10, 2, 1000, itemsize=8)
+    assert est["result"] == 10**3 * 2**3 * 8
+    assert est["jacobian"] == 10 * 2 * 1000 * 8
+    assert estimate_dntk_memory(10, 2, 1000, output="diagonal_outputs", itemsize=8)["result"] == 10**3 * 2 * 8
+    assert est["total"] == est["result"] + est["jacobian"] + est["per_block"]
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(2, 4)
+        self.c = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.c(torch.tanh(self.a(x) + scale * self.b(y)))
+
+
+def test_tuple_and_dict_inputs():
+    torch.manual_seed(4)
+    model = _TwoInputs().double()
+    x, y = torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64)
+
+    class Packed(nn.Module):  # the same network as a one-input model, for the reference
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xy: torch.Tensor) -> torch.Tensor:
+            return self.inner(xy[:, :3], xy[:, 3:], 0.5)
+
+    ref = dntk_reference(Packed(model), torch.cat([x, y], 1))
+    for method in ("generic", "structured"):
+        assert rel_err(empirical_dntk(model, (x, y, 0.5), method=method), ref) <= 1e-9
+        assert rel_err(empirical_dntk(model, {"x": x, "y": y, "scale": 0.5}, method=method), ref) <= 1e-9

@@ -218,6 +218,13 @@ def test_covariances_are_psd_and_shapes_follow_targets():
     p2 = ntk_prediction(y[:, 0], blocks, kb, learning_rate=eta, steps=[1, 2, 3])
     assert torch.equal(p1.mean, p2.mean)
     assert ntk_prediction(y, GramBlocks(theta[:n_a, :n_a], theta[n_a:, :n_a])).cov is None
+    # t = 0 is the prior: zero mean, covariance K_BB
+    p0 = ntk_prediction(y, theta, K, learning_rate=eta, steps=0)
+    assert torch.equal(p0.mean, torch.zeros_like(p0.mean)) and rel(p0.cov, K[n_a:, n_a:]) < 1e-14
+    # the package resolves these names lazily
+    import torch_crit.theory as theory
+
+    assert theory.ntk_prediction is ntk_prediction and theory.nngp_posterior is nngp_posterior
 
 
 def test_ensemble_formulas_match_monte_carlo_over_initial_outputs():

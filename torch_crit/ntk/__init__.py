@@ -17,6 +17,9 @@ from typing import Any
 
 _LAZY = {
     "empirical_ntk": "torch_crit.ntk.empirical",
+    "plan_ntk": "torch_crit.ntk.empirical",
+    "NonDifferentiableError": "torch_crit.ntk.empirical",
+    "ZeroJacobianWarning": "torch_crit.ntk.empirical",
     "NTKPlan": "torch_crit.ntk.plan",
     "LayerPlan": "torch_crit.ntk.plan",
     "estimate_ntk_memory": "torch_crit.ntk.memory",

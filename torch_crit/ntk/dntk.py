@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -241,6 +240,17 @@ def _check_result_fits(n: int, k: int, output: str, itemsize: int, device: torch
             f"{itemsize}-byte elements: N³·{'k³' if output == 'full' else 'k'} entries) but only "
             f"{avail / 2**30:.2f} GiB is available on {device}. Use output='diagonal_outputs', fewer "
             f"inputs, or ntk_velocity (which never forms the N³ tensor)."
+        )
+
+
+def _check_directions_fit(n: int, k: int, num_params: int, itemsize: int, device: torch.device, what: str) -> None:
+    need = 2 * n * k * num_params * itemsize  # Λ∇z for every direction, plus one block's derivatives
+    avail = _available_bytes(device)
+    if need > 0.8 * avail:
+        raise DNTKMemoryError(
+            f"{what}: the N·k = {n * k} gradient directions over P = {num_params} parameters need about "
+            f"{need / 2**30:.2f} GiB ({itemsize}-byte elements) but only {avail / 2**30:.2f} GiB is available "
+            f"on {device}. Use fewer inputs, or ntk_velocity for a single update direction."
         )
 
 
@@ -517,6 +527,7 @@ def _empirical_dntk(setup: _Functional, output: str, method: str, block_size: Op
     diagonal = output == "diagonal_outputs"
     itemsize = torch.empty((), dtype=setup.dtype).element_size()
     _check_result_fits(n, k, output, itemsize, setup.device, what)
+    _check_directions_fit(n, k, sum(p.numel() for p in setup.params.values()), itemsize, setup.device, what)
     shape = (n, n, n, k, k, k) if not diagonal else (n, n, n, k)
     out = torch.zeros(shape, dtype=setup.dtype, device=setup.device)
     use_structured = method == "structured" or (method == "auto" and _structured_available(setup))

@@ -33,7 +33,7 @@ the bias gradient is :math:`G` itself. This is the layer-sum form of the book's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from torch_crit import _ops
 from torch_crit.ntk.capture import CallInfo, layer_inputs_and_cotangents, trace_calls
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch_crit.ntk.dntk import _Functional
 
 __all__ = ["covers_any", "structured_dntk_into", "structured_velocity", "StructuredPlan", "plan_structured"]
 
@@ -78,7 +81,7 @@ def _canonical(model: nn.Module) -> Dict[int, str]:
     return out
 
 
-def plan_structured(setup) -> StructuredPlan:
+def plan_structured(setup: "_Functional") -> StructuredPlan:
     """Split the trainable parameters of ``setup`` into covered (weight, bias) groups and the rest."""
     model = setup.model
     canon = _canonical(model)
@@ -125,7 +128,7 @@ def plan_structured(setup) -> StructuredPlan:
     return StructuredPlan(modules, calls, groups, generic)
 
 
-def covers_any(setup) -> bool:
+def covers_any(setup: "_Functional") -> bool:
     """Whether the structured path covers at least one trainable parameter of ``setup``."""
     return any(type(m) in _COVERED for m in setup.model.modules())
 
@@ -188,7 +191,7 @@ def _accumulate(out: torch.Tensor, A: List[torch.Tensor], B: List[torch.Tensor],
 
 
 def _directions(
-    setup, plan: StructuredPlan, xs: List[torch.Tensor], gs: List[torch.Tensor], what: str, names: Optional[Sequence[str]] = None
+    setup: "_Functional", plan: StructuredPlan, xs: List[torch.Tensor], gs: List[torch.Tensor], what: str, names: Optional[Sequence[str]] = None
 ) -> Dict[str, torch.Tensor]:
     r"""``u[(δ, i)] = Λ ∇z[δ, i]`` as ``{name: [N·k, *shape]}`` for ``names`` (default: every trainable parameter)."""
     from torch_crit.ntk.dntk import _run_second_order
@@ -215,7 +218,7 @@ def _directions(
     return {name: U[name] for name in setup.params if name in wanted}
 
 
-def _capture_fn(setup, plan: StructuredPlan):
+def _capture_fn(setup: "_Functional", plan: StructuredPlan) -> Callable[[Dict[str, torch.Tensor]], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
     def cap(p: Dict[str, torch.Tensor]):
         _, xs, gs = layer_inputs_and_cotangents(setup.model, {**p, **setup.constants}, setup.x, plan.modules, buffers={}, calls=plan.calls)
         return xs, gs
@@ -227,7 +230,7 @@ def _capture_fn(setup, plan: StructuredPlan):
 
 
 def structured_dntk_into(
-    setup,
+    setup: "_Functional",
     out: torch.Tensor,
     *,
     diagonal: bool,
@@ -346,7 +349,7 @@ def structured_dntk_into(
 # ----------------------------------------------------------------------------- velocity
 
 
-def structured_velocity(setup, step: Dict[str, torch.Tensor], *, what: str, strict: bool, backend: Backend = "ext") -> torch.Tensor:
+def structured_velocity(setup: "_Functional", step: Dict[str, torch.Tensor], *, what: str, strict: bool, backend: Backend = "ext") -> torch.Tensor:
     r"""``d/dt H(θ + t·step)`` on the probe inputs, ``[N, N, k, k]`` (see :func:`torch_crit.ntk_velocity`).
 
     One ``jvp`` of the capture along ``step`` gives :math:`X, G, \dot X, \dot G`; per covered layer

@@ -49,7 +49,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -568,11 +568,27 @@ def _block_features(s: _Setup, xb: ModelInput) -> Dict[Tuple[str, int], Any]:
     return feats
 
 
+_NO_KERNEL_WARNED: Dict[str, bool] = {}
+
+
 def _accumulate(s: _Setup, out: torch.Tensor, terms: List[Tuple[Any, Any, Any]], symmetric: bool) -> None:
     if not terms:
         return
     A, B, C = (list(t) for t in zip(*terms))
     if s.backend == "torch":
+        _ops.gram_hadamard_accumulate_reference_(out, A, B, C, s.accumulate_fp64)
+        return
+    has_kernel = getattr(_ops, "has_device_kernel", None)
+    if has_kernel is not None and not has_kernel(out.device):
+        if not _NO_KERNEL_WARNED.get(out.device.type):
+            _NO_KERNEL_WARNED[out.device.type] = True
+            warnings.warn(
+                f"torch_crit._C has no kernel for {out.device.type} tensors; using the pure-PyTorch "
+                f"contraction (backend='torch') instead. Rebuild the extension with "
+                f"TORCH_CRIT_CUDA=1 for the fused kernel.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         _ops.gram_hadamard_accumulate_reference_(out, A, B, C, s.accumulate_fp64)
         return
     fn = _ops.gram_hadamard_accumulate_

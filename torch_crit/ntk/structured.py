@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_crit.ntk.capture import CallInfo
 
 __all__ = [
     "COVERED_TYPES",

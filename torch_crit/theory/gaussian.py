@@ -17,7 +17,12 @@ edges include :math:`u = 0` and every kink of the integrand (mapped into :math:`
 the inner 2-D integral, into :math:`v` per outer node). Splitting at kinks makes ReLU-like
 integrands converge spectrally, and unlike Gauss–Hermite the panels resolve the steep
 :math:`\tanh(\sqrt{K}u)` at large :math:`K` (relative error < 1e-13 up to :math:`K=100` with
-the defaults). Closed forms are used instead whenever the integrand is a pair of
+the defaults). In 2-D the outer panels are also graded around :math:`u = 0` on the scale
+:math:`s/|b|` on which the inner integral varies, so nearly coincident inputs stay accurate;
+with the defaults the 2-D relative error is ~1e-13 for :math:`K \lesssim 3` at any
+correlation (measured against the closed forms, incl. :math:`\rho \to 1`), degrading to
+~1e-7 for steep integrands (:math:`\mathrm{erf}'`) at :math:`K \approx 20` — raise ``n_nodes``
+there. Cost: about 8·n × 3·n integrand evaluations per pair. Closed forms are used instead whenever the integrand is a pair of
 :class:`~torch_crit.theory.activations.ActivationFunction` with a registered closed form
 (arc-cosine kernel (5.158)–(5.161) for piecewise-linear activations, the arcsine kernel of
 ``erf``, ``sin``); ``closed_form=False`` forces quadrature (for tests).
@@ -25,8 +30,8 @@ the defaults). Closed forms are used instead whenever the integrand is a pair of
 Example:
     >>> import torch
     >>> from torch_crit.theory import expect1
-    >>> float(expect1(lambda z: z**4, torch.tensor(2.0, dtype=torch.float64)))  # 3 K^2
-    12.000000000000002
+    >>> round(float(expect1(lambda z: z**4, torch.tensor(2.0, dtype=torch.float64))), 12)  # 3 K^2
+    12.0
 """
 from __future__ import annotations
 

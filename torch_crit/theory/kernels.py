@@ -143,24 +143,25 @@ def _initial(x: Tensor | None, gram: Tensor | None) -> tuple[Tensor, torch.dtype
 
 # ------------------------------------------------------------------------------ pair expectations
 def _pl_pair(ap: float, am: float, K: Tensor, want_prime: bool) -> tuple[Tensor, Tensor | None]:
-    """Arc-cosine kernels (5.159), (5.161) for a full Gram K [N, N] (fast path, diagonal exact)."""
+    """Arc-cosine kernels (5.159), (5.161) for a full Gram K [N, N] (fast path, exact diagonal).
+
+    Works on the full matrix (gathering/scattering the upper triangle costs more than the
+    transcendental functions it would save); about ten passes over N^2 doubles per call.
+    """
     A2 = 0.5 * (ap * ap + am * am)
     d2 = (ap - am) ** 2
     if d2 == 0.0:
         return A2 * K, (torch.full_like(K, A2) if want_prime else None)
     n = torch.sqrt(torch.clamp(K.diagonal(), min=0.0))
-    norm = torch.outer(n, n)
-    if bool((n > 0).all()):
-        c = K / norm
-    else:  # inputs with zero variance: cos(psi) := 0 there (their sigma-products vanish)
-        pos = norm > 0
-        c = torch.where(pos, K / torch.where(pos, norm, torch.ones_like(norm)), torch.zeros_like(K))
+    pos = n > 0
+    inv = torch.where(pos, 1.0 / torch.where(pos, n, torch.ones_like(n)), torch.zeros_like(n))
+    c = K * torch.outer(inv, inv)  # cos(psi); 0 for zero-variance inputs (their products vanish)
     c.clamp_(-1.0, 1.0)
-    c.diagonal().copy_((n > 0).to(c.dtype))
+    c.diagonal().copy_(pos.to(c.dtype))
+    psi = torch.acos(c)
     s = torch.addcmul(torch.ones_like(c), c, c, value=-1.0).clamp_(min=0.0).sqrt_()  # sin(psi)
-    psi = torch.atan2(s, c)
     # A2 K + (d2 / 2 pi) |x||y| (sin psi - psi cos psi)
-    ss = torch.addcmul(s, psi, c, value=-1.0).mul_(norm).mul_(d2 / (2 * math.pi)).add_(K, alpha=A2)
+    ss = torch.addcmul(s, psi, c, value=-1.0).mul_(torch.outer(n * (d2 / (2 * math.pi)), n)).add_(K, alpha=A2)
     sp = psi.mul_(-d2 / (2 * math.pi)).add_(A2) if want_prime else None
     return ss, sp
 
@@ -240,12 +241,21 @@ def _recurse(
             if gamma is not None:
                 chi.add_(float(gamma[l]) ** 2)
             torch.mul(chi, Th[l - 1], out=Th[l]).add_(pe[0], alpha=float(lambda_W[l])).add_(lambda_b[l])
-        if not bool(torch.isfinite(out[0, 0])) or not bool(torch.isfinite(out).all()):
-            raise ValueError(
-                f"the recursion overflowed at layer {l + 1}: the kernel explodes for these "
-                "hyperparameters (chi > 1). Use critical_point(activation) for C_b, C_W."
-            )
+        if l % 64 == 0 and not bool(torch.isfinite(out).all()):
+            _overflow(l + 1)
+    for stack in (Ks, Th):
+        if stack is not None:
+            bad = ~torch.isfinite(stack.reshape(depth, -1)).all(1)
+            if bool(bad.any()):
+                _overflow(int(torch.nonzero(bad)[0]) + 1)
     return Ks, Th
+
+
+def _overflow(layer: int) -> None:
+    raise ValueError(
+        f"the recursion overflowed at layer {layer}: the kernel explodes for these "
+        "hyperparameters (chi > 1). Use critical_point(activation) for C_b, C_W."
+    )
 
 
 def kernel_recursion(

@@ -24,8 +24,8 @@ optimal residual strength :math:`\gamma^\star(r)` for a given depth and width (f
 
 Example:
     >>> from torch_crit.theory import residual_critical_point, optimal_residual_gamma
-    >>> residual_critical_point("relu", 0.5 ** 0.5).C_W   # (B.20): 2 (1 - 1/2)
-    1.0000000000000002
+    >>> round(residual_critical_point("relu", 0.5 ** 0.5).C_W, 12)   # (B.20): 2 (1 - 1/2)
+    1.0
     >>> round(optimal_residual_gamma("relu", depth=10, width=1000), 6)   # r < r*(0): no skip
     0.0
 """
