@@ -101,9 +101,7 @@ def build_model(param: str, act: str, width: int, depth: int, mup_base: int) -> 
         from mup import set_base_shapes
 
         set_base_shapes(model, make(mup_base), delta=make(mup_base * 2))
-    elif param.startswith("tc"):
-        pass  # init_ is applied by the caller with a generator
-    return model
+    return model  # torch_crit's init_ is applied by init_model (with a generator)
 
 
 def real_optimizer(param: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -42,7 +42,9 @@ def test_spectrum_effective_rank_participation():
     # row index α k + a
     assert mat[1 * 2 + 1, 3 * 2 + 0] == A[1, 3, 1, 0]
     S = mat @ mat.T
+    threads = torch.get_num_threads()
     lam = M.top_eigenvalues(S)
+    assert torch.get_num_threads() == threads  # the one-thread solve restores the caller's setting
     np.testing.assert_allclose(lam.numpy(), np.sort(np.linalg.eigvalsh(S.numpy()))[::-1], rtol=1e-10)
     p = lam / lam.sum()
     assert M.effective_rank(lam) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-12)

@@ -212,3 +212,13 @@ def test_off_critical_activation_is_allowed():
     """sigmoid has no critical point; predictions off criticality are still well defined."""
     th = single_input_recursions("sigmoid", 0.1, 1.5, torch.ones(1, 3), 6)
     assert bool(torch.isfinite(th.V).all()) and float(th.V[-1, 0]) > 0
+
+
+def test_multi_input_vertex_deep_linear_exact():
+    """Linear sigma, C_W = 1: V^{(l)}_{(a1a2)(a3a4)} = (l-1)(K_{a1a3}K_{a2a4} + K_{a1a4}K_{a2a3}) ((3.28) generalised)."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=D64)
+    V = four_point_vertex("linear", 0.0, 1.0, x, 3)
+    K = x @ x.T / 5
+    want = torch.einsum("ac,bd->abcd", K, K) + torch.einsum("ad,bc->abcd", K, K)
+    for l in range(3):
+        torch.testing.assert_close(V[l], l * want, rtol=1e-6, atol=1e-6)

@@ -127,3 +127,33 @@ def test_bad_input() -> None:
         expect1(torch.tanh, 1.0, n_nodes=1)
     with pytest.raises(ValueError, match="K > 0"):
         expect1_dK(torch.tanh, 0.0)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "swish"])
+@pytest.mark.parametrize("order", [0, 1])
+def test_expect2_shared_grid_matches_adaptive_panels(name: str, order: int) -> None:
+    """The shared-grid fast path (smooth built-ins, K <= 10) against the per-pair adaptive
+    panels at 64 nodes (independent scheme), incl. rho -> 1 and rho = 1 exactly; 1e-10 relative."""
+    from torch_crit.theory import gaussian
+
+    f = get_activation(name).fn(order)
+    rho = torch.tensor([-0.99, -0.5, 0.0, 0.3, 0.9, 0.999999, 1.0], **f64)
+    for Kd in (0.05, 1.0, 2.9, 9.0):
+        K11 = torch.full_like(rho, Kd)
+        K22 = 0.7 * K11
+        K12 = rho * torch.sqrt(K11 * K22)
+        assert gaussian._fixed_grid_nodes(f, f, K11, K22) is not None  # the fast path is taken
+        fast = expect2(f, f, K11, K12, K22)
+        ref = expect2(f, f, K11, K12, K22, n_nodes=64)  # explicit n_nodes: adaptive panels
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_expect2_shared_grid_only_where_accurate() -> None:
+    from torch_crit.theory import gaussian
+
+    tanh = get_activation("tanh").fn(0)
+    one = torch.ones(1, **f64)
+    assert gaussian._fixed_grid_nodes(tanh, tanh, one, 11.0 * one) is None  # K > 10: adaptive
+    assert gaussian._fixed_grid_nodes(torch.tanh, torch.tanh, one, one) is None  # plain callable
+    relu = get_activation("relu").fn(0)
+    assert gaussian._fixed_grid_nodes(relu, relu, one, one) is None  # kinked

@@ -52,7 +52,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_crit.monitor.metrics import (
-    METRICS,
     LayerInfo,
     Metric,
     ProbeState,

@@ -295,6 +295,10 @@ def expect2(
     pos = a > 0
     b = torch.where(pos, K12 / torch.where(pos, a, torch.ones_like(a)), torch.zeros_like(a))
     s = torch.sqrt(torch.clamp(K22 - b * b, min=0.0))
+    if n_nodes is None and kinks_f is None and kinks_g is None and K11.numel():
+        n_fixed = _fixed_grid_nodes(f, g, K11, K22)
+        if n_fixed is not None:
+            return _expect2_fixed(f, g, a, b, s, n_fixed).reshape(K11.shape)
     # z = 0 is always a panel edge (kinks of the built-ins, steepest point of erf/tanh-like
     # functions at large K): in the inner variable it sits at v* = -b u / s, per outer node.
     kf = tuple(sorted(set(_kinks_of(f, kinks_f)) | {0.0}))
@@ -308,6 +312,77 @@ def expect2(
     for lo in range(0, m, step):
         sl = slice(lo, min(m, lo + step))
         out[sl] = _expect2_core(f, g, flat[0][sl], flat[1][sl], flat[2][sl], n, kf, kg)
+    return out.reshape(shape)
+
+
+# Shared grid for smooth built-in activations: composite Gauss-Legendre on these panels (in
+# standardised units, both variables), ``n`` nodes per panel. Measured against the adaptive
+# path at n_nodes=64 for tanh, gelu, swish, sigmoid and their derivatives, rho in [-0.99, 1]:
+# relative error <= 2e-10 up to K = 3 with n = 10, <= 2e-11 up to K = 10 with n = 14.
+_FIXED_EDGES = (-8.5, -5.0, -2.5, -1.0, 0.0, 1.0, 2.5, 5.0, 8.5)
+_FIXED_LEVELS = ((3.0, 10), (10.0, 14))  # (max variance, nodes per panel)
+
+
+def _is_smooth_builtin(f: Callable) -> bool:
+    act = getattr(f, "activation", None)
+    if act is None or getattr(act, "is_custom", True) or not getattr(act, "is_smooth", False):
+        return False
+    return not _kinks_of(f, None)
+
+
+def _fixed_grid_nodes(f: Callable, g: Callable, K11: Tensor, K22: Tensor) -> int | None:
+    """Nodes per panel of the shared grid when it is accurate (smooth built-ins, moderate K)."""
+    if not (_is_smooth_builtin(f) and _is_smooth_builtin(g)):
+        return None
+    kmax = max(float(K11.max()), float(K22.max()))
+    for limit, n in _FIXED_LEVELS:
+        if kmax <= limit:
+            return n
+    return None
+
+
+@lru_cache(maxsize=8)
+def _fixed_grid_np(n: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = _legendre(n)
+    e = np.asarray(_FIXED_EDGES)
+    half = 0.5 * (e[1:] - e[:-1])[:, None]
+    u = (e[:-1, None] + half * (x + 1.0)).reshape(-1)
+    wu = (half * w).reshape(-1) * np.exp(-0.5 * u * u) * _INV_SQRT_2PI
+    return u, wu
+
+
+def _expect2_fixed(f: Callable, g: Callable, a: Tensor, b: Tensor, s: Tensor, n: int) -> Tensor:
+    r"""All pairs on one shared tensor grid: :math:`\sum_{pq} w_p w_q f(a u_p) g(b u_p + s v_q)`.
+
+    Args: ``a, b, s`` of shape ``S`` (Cholesky factors, see module docstring); returns ``S``.
+    No per-pair panels: one evaluation of ``g`` per grid point and a matrix-vector product
+    for each integral; exact for :math:`K_{12}^2 = K_{11}K_{22}` as well (then ``s = 0``).
+    """
+    un, wn = _fixed_grid_np(n)
+    u = torch.as_tensor(un, dtype=a.dtype, device=a.device)
+    w = torch.as_tensor(wn, dtype=a.dtype, device=a.device)
+    shape = a.shape
+    a, b, s = (t.reshape(-1) for t in (a, b, s))
+    m, q = a.numel(), u.numel()
+    out = torch.empty(m, dtype=a.dtype, device=a.device)
+    step = max(1, (1 << 20) // (q * q))
+    for lo in range(0, m, step):
+        sl = slice(lo, min(m, lo + step))
+        z2 = torch.addcmul((b[sl, None] * u)[:, :, None], s[sl, None, None], u[None, None, :])  # [c, q, q]
+        gy = g(z2)
+        if gy.shape != z2.shape:
+            gy = gy.expand(z2.shape)
+        inner = torch.matmul(gy, w)  # [c, q]
+        fy = f(a[sl, None] * u)
+        if fy.shape != inner.shape:
+            fy = fy.expand(inner.shape)
+        out[sl] = torch.matmul(fy * inner, w)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"f={getattr(f, '__name__', repr(f))} or g={getattr(g, '__name__', repr(g))} returned "
+            f"non-finite values on the quadrature nodes (|z| up to {_FIXED_EDGES[-1]}·sqrt(K)); "
+            "the expectation does not exist or overflows."
+        )
     return out.reshape(shape)
 
 

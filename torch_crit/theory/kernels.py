@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
@@ -142,34 +143,96 @@ def _initial(x: Tensor | None, gram: Tensor | None) -> tuple[Tensor, torch.dtype
 
 
 # ------------------------------------------------------------------------------ pair expectations
-def _pl_pair(ap: float, am: float, K: Tensor, want_prime: bool) -> tuple[Tensor, Tensor | None]:
-    """Arc-cosine kernels (5.159), (5.161) for a full Gram K [N, N] (fast path, exact diagonal).
+@lru_cache(maxsize=8)
+def _triu(N: int) -> tuple[Tensor, Tensor]:
+    """Row/column indices ``ii < jj`` of the strict upper triangle, ``[N(N-1)/2]`` each (cached)."""
+    iu = torch.triu_indices(N, N, offset=1)
+    return iu[0].contiguous(), iu[1].contiguous()
 
-    Works on the full matrix (gathering/scattering the upper triangle costs more than the
-    transcendental functions it would save); about ten passes over N^2 doubles per call.
+
+def _pl_pair_packed(
+    ap: float, am: float, d: Tensor, Kp: Tensor, ii: Tensor, jj: Tensor, want_prime: bool
+) -> list[tuple[Tensor, Tensor]]:
+    r"""Arc-cosine kernels (5.159), (5.161) on packed pairs (fast path, exact diagonal).
+
+    Args:
+        ap, am: slopes :math:`a_\pm`.
+        d: diagonal :math:`K_{\alpha\alpha}`, ``[N]``.
+        Kp: off-diagonal entries :math:`K_{\alpha\beta}` for ``(ii, jj)``, ``[P]``.
+        ii, jj: pair indices, ``[P]``.
+        want_prime: also return :math:`\langle\sigma'\sigma'\rangle`.
+
+    Returns:
+        ``[(diag [N], off [P])]`` for order 0, then order 1 if requested. Only the ``P``
+        distinct pairs are touched: one ``acos`` and one ``sqrt`` per pair and layer.
     """
     A2 = 0.5 * (ap * ap + am * am)
     d2 = (ap - am) ** 2
     if d2 == 0.0:
-        return A2 * K, (torch.full_like(K, A2) if want_prime else None)
-    n = torch.sqrt(torch.clamp(K.diagonal(), min=0.0))
+        out = [(A2 * d, A2 * Kp)]
+        if want_prime:
+            out.append((torch.full_like(d, A2), torch.full_like(Kp, A2)))
+        return out
+    n = torch.sqrt(torch.clamp(d, min=0.0))
     pos = n > 0
-    inv = torch.where(pos, 1.0 / torch.where(pos, n, torch.ones_like(n)), torch.zeros_like(n))
-    c = K * torch.outer(inv, inv)  # cos(psi); 0 for zero-variance inputs (their products vanish)
+    nn = torch.index_select(n, 0, ii).mul_(torch.index_select(n, 0, jj))  # sqrt(K11 K22)
+    if bool(pos.all()):
+        c = torch.div(Kp, nn)
+    else:  # cos(psi) := 0 for zero-variance inputs (their products vanish)
+        c = torch.where(nn > 0, Kp / torch.where(nn > 0, nn, torch.ones_like(nn)), torch.zeros_like(nn))
     c.clamp_(-1.0, 1.0)
-    c.diagonal().copy_(pos.to(c.dtype))
     psi = torch.acos(c)
     s = torch.addcmul(torch.ones_like(c), c, c, value=-1.0).clamp_(min=0.0).sqrt_()  # sin(psi)
-    # A2 K + (d2 / 2 pi) |x||y| (sin psi - psi cos psi)
-    ss = torch.addcmul(s, psi, c, value=-1.0).mul_(torch.outer(n * (d2 / (2 * math.pi)), n)).add_(K, alpha=A2)
-    sp = psi.mul_(-d2 / (2 * math.pi)).add_(A2) if want_prime else None
-    return ss, sp
+    # A2 K + (d2 / 2 pi) |x||y| (sin psi - psi cos psi); on the diagonal psi = 0: A2 K
+    ss = torch.addcmul(s, psi, c, value=-1.0).mul_(nn).mul_(d2 / (2 * math.pi)).add_(Kp, alpha=A2)
+    out = [(A2 * d, ss)]
+    if want_prime:
+        # psi = 0 on the diagonal, pi/2 where the variance vanishes (convention of _angle)
+        dp = torch.where(pos, torch.full_like(d, A2), torch.full_like(d, A2 - d2 / 4))
+        out.append((dp, psi.mul_(-d2 / (2 * math.pi)).add_(A2)))
+    return out
+
+
+def _pairs_packed(
+    act: Activation, d: Tensor, Kp: Tensor, ii: Tensor, jj: Tensor, orders: Sequence[int],
+    n_nodes: int | None,
+) -> list[tuple[Tensor, Tensor]]:
+    """``[(diag [N], off [P])]`` of :math:`\\langle\\sigma^{(k)}\\sigma^{(k)}\\rangle` per order ``k``."""
+    if act.slopes is not None and set(orders) <= {0, 1}:
+        pl = _pl_pair_packed(act.slopes[0], act.slopes[1], d, Kp, ii, jj, 1 in orders)
+        return [pl[o] for o in orders]
+    out = []
+    for o in orders:
+        f = act.fn(o)
+        form = act.pair_closed_form(o, o)
+        if form is not None:
+            out.append((form(d, d, d), form(d[ii], Kp, d[jj])))
+            continue
+        diag = expect1(lambda z, f=f: f(z) ** 2, d, kinks=act.kinks)
+        off = expect2(f, f, d[ii], Kp, d[jj], n_nodes=n_nodes) if Kp.numel() else Kp.clone()
+        out.append((diag, off))
+    return out
+
+
+def _unpack(diag: Tensor, off: Tensor, ii: Tensor, jj: Tensor, out: Tensor | None = None) -> Tensor:
+    """Symmetric ``[N, N]`` (or ``[..., N, N]`` for stacked ``[..., N]``/``[..., P]``) from packed parts."""
+    N = diag.shape[-1]
+    if out is None:
+        out = torch.empty(diag.shape[:-1] + (N, N), dtype=diag.dtype, device=diag.device)
+    flat = out.view(diag.shape[:-1] + (N * N,))
+    flat[..., ii * N + jj] = off
+    flat[..., jj * N + ii] = off
+    out.diagonal(dim1=-2, dim2=-1).copy_(diag)
+    return out
 
 
 def pair_expectations(
     activation: Any, K: Tensor, orders: Sequence[int] = (0,), *, n_nodes: int | None = None
 ) -> list[Tensor]:
     r"""All pairwise :math:`\langle\sigma^{(k)}_\alpha\sigma^{(k)}_\beta\rangle_K` for a Gram ``K [N, N]``.
+
+    Each of the :math:`N(N-1)/2` distinct pairs is evaluated once, from the upper triangle of
+    ``K``; the result is exactly symmetric.
 
     Args:
         activation: anything :func:`get_activation` accepts.
@@ -181,30 +244,9 @@ def pair_expectations(
         One ``[N, N]`` tensor per order.
     """
     act = activation if isinstance(activation, Activation) else get_activation(activation)
-    if act.slopes is not None and set(orders) <= {0, 1}:
-        ss, sp = _pl_pair(act.slopes[0], act.slopes[1], K, 1 in orders)
-        return [ss if o == 0 else sp for o in orders]
-    N = K.shape[0]
-    d = K.diagonal()
-    iu = torch.triu_indices(N, N, offset=1)
-    out = []
-    for o in orders:
-        f = act.fn(o)
-        form = act.pair_closed_form(o, o)
-        if form is not None:
-            M = form(d[:, None], K, d[None, :])
-            M = 0.5 * (M + M.T)
-            M.diagonal().copy_(form(d, d, d))
-            out.append(M)
-            continue
-        M = torch.empty_like(K)
-        M.diagonal().copy_(expect1(lambda z, f=f: f(z) ** 2, d, kinks=act.kinks))
-        if iu.shape[1]:
-            vals = expect2(f, f, d[iu[0]], K[iu[0], iu[1]], d[iu[1]], n_nodes=n_nodes)
-            M[iu[0], iu[1]] = vals
-            M[iu[1], iu[0]] = vals
-        out.append(M)
-    return out
+    ii, jj = _triu(K.shape[0])
+    pe = _pairs_packed(act, K.diagonal(), K[ii, jj], ii, jj, orders, n_nodes)
+    return [_unpack(dg, off, ii, jj) for dg, off in pe]
 
 
 # ------------------------------------------------------------------------------ recursions
@@ -220,34 +262,66 @@ def _recurse(
     gamma: Tensor | None = None,
     n_nodes: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Shared core of the plain and residual (B.11) recursions; float64 throughout."""
+    """Shared core of the plain and residual (B.11) recursions; float64 throughout.
+
+    The recursion runs on packed storage (diagonal ``[N]`` + strict upper triangle
+    ``[N(N-1)/2]``), each pair once per layer; the ``[depth, N, N]`` stacks are filled at the end.
+    """
     N = gram.shape[0]
+    ii, jj = _triu(N)
+    up, lo = ii * N + jj, jj * N + ii
+    orders = (0, 1) if lambda_b is not None else (0,)
+    cb, cw = C_b.tolist(), C_W.tolist()
+    lb = lambda_b.tolist() if lambda_b is not None else None
+    lw = lambda_W.tolist() if lambda_W is not None else None
+    g2 = [float(v) ** 2 for v in gamma.tolist()] if gamma is not None else None
     Ks = torch.empty(depth, N, N, dtype=torch.float64)
-    Ks[0] = C_b[0] + C_W[0] * gram
-    Th = None
-    if lambda_b is not None:
-        Th = torch.empty(depth, N, N, dtype=torch.float64)
-        Th[0] = lambda_b[0] + lambda_W[0] * gram
-    orders = (0, 1) if Th is not None else (0,)
+    Th = torch.empty(depth, N, N, dtype=torch.float64) if lb is not None else None
+
+    buf = torch.empty(N, N, dtype=torch.float64)  # cache-resident scatter target
+    bflat = buf.view(-1)
+
+    def store(stack: Tensor, l: int, dg: Tensor, off: Tensor) -> None:
+        bflat.scatter_(0, up, off)
+        bflat.scatter_(0, lo, off)
+        buf.diagonal().copy_(dg)
+        stack[l].copy_(buf)  # one streaming write into the (large) output stack
+
+    gd, gp = gram.diagonal(), gram[ii, jj]
+    k_cur = [C_b[0] + C_W[0] * gd, C_b[0] + C_W[0] * gp]  # packed state: diagonal [N], pairs [P]
+    store(Ks, 0, *k_cur)
+    t_cur = None
+    if Th is not None:
+        t_cur = [lambda_b[0] + lambda_W[0] * gd, lambda_b[0] + lambda_W[0] * gp]
+        store(Th, 0, *t_cur)
+    # sum of a layer is finite iff all its entries are (up to overflow of the sum: rechecked)
+    sums = [k_cur[1].sum() + k_cur[0].sum()]
     for l in range(1, depth):
-        K = Ks[l - 1]
-        pe = pair_expectations(act, K, orders, n_nodes=n_nodes)
-        out = Ks[l]
-        torch.mul(pe[0], C_W[l], out=out).add_(C_b[l])
-        if gamma is not None:
-            out.add_(K, alpha=float(gamma[l]) ** 2)
-        if Th is not None:
-            chi = pe[1].mul_(C_W[l])
-            if gamma is not None:
-                chi.add_(float(gamma[l]) ** 2)
-            torch.mul(chi, Th[l - 1], out=Th[l]).add_(pe[0], alpha=float(lambda_W[l])).add_(lambda_b[l])
-        if l % 64 == 0 and not bool(torch.isfinite(out).all()):
+        pe = _pairs_packed(act, k_cur[0], k_cur[1], ii, jj, orders, n_nodes)
+        k_new = []
+        for part in (0, 1):
+            new = pe[0][part].mul(cw[l]).add_(cb[l])
+            if g2 is not None:
+                new.add_(k_cur[part], alpha=g2[l])
+            k_new.append(new)
+            if t_cur is not None:
+                chi = pe[1][part].mul_(cw[l])
+                if g2 is not None:
+                    chi.add_(g2[l])
+                t_cur[part] = chi.mul_(t_cur[part]).add_(pe[0][part], alpha=lw[l]).add_(lb[l])
+        k_cur = k_new
+        store(Ks, l, *k_cur)
+        if t_cur is not None:
+            store(Th, l, *t_cur)
+        sums.append(k_cur[1].sum() + k_cur[0].sum())
+        if l % 64 == 0 and not math.isfinite(float(sums[-1])) and not bool(torch.isfinite(Ks[l]).all()):
             _overflow(l + 1)
-    for stack in (Ks, Th):
-        if stack is not None:
-            bad = ~torch.isfinite(stack.reshape(depth, -1)).all(1)
-            if bool(bad.any()):
-                _overflow(int(torch.nonzero(bad)[0]) + 1)
+    cand = ~torch.isfinite(torch.stack(sums))
+    if Th is not None:
+        cand |= ~torch.isfinite(Th.view(depth, -1).sum(1))
+    for l in torch.nonzero(cand).reshape(-1).tolist():
+        if not (bool(torch.isfinite(Ks[l]).all()) and (Th is None or bool(torch.isfinite(Th[l]).all()))):
+            _overflow(l + 1)
     return Ks, Th
 
 
