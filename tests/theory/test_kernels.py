@@ -250,7 +250,7 @@ def test_packed_recursion_matches_entrywise_reference(name: str, C_b: float, C_W
 
 def test_overflow_layer_reported() -> None:
     x = torch.eye(3, dtype=torch.float64)
-    # K_aa = 4^(l-1) / 3 (chi_parallel = C_W / 2 = 4): first inf at layer 1 + ceil(log4(3 * max))
-    first = 1 + math.ceil((math.log(torch.finfo(torch.float64).max) + math.log(3)) / math.log(4))
+    # K_aa = (8/3) 4^(l-1) (chi_parallel = C_W / 2 = 4): first inf at layer 1 + ceil(log4(3 max / 8))
+    first = 1 + math.ceil((math.log(torch.finfo(torch.float64).max) + math.log(3 / 8)) / math.log(4))
     with pytest.raises(ValueError, match=f"overflowed at layer {first}:"):
         kernel_recursion("relu", 0.0, 8.0, x, depth=600)

@@ -18,9 +18,12 @@ Frozen NTK (9.5) with the book's learning-rate convention (8.6) (:math:`\lambda_
         + C_W^{(\ell+1)}\langle\sigma'_\alpha\sigma'_\beta\rangle_{K^{(\ell)}}\Theta^{(\ell)}_{\alpha\beta}.
 
 Each entry needs only the 2×2 block of :math:`K^{(\ell)}` on its two inputs (after (5.3)); all
-:math:`N(N+1)/2` pairs are evaluated at once per layer — closed forms (arc-cosine (5.158)–
-(5.161) for ReLU/leaky ReLU/linear, arcsine for erf, sin) or 2-D quadrature
-(:func:`~torch_crit.theory.gaussian.expect2`).
+:math:`N(N-1)/2` distinct pairs (plus the :math:`N` variances) are evaluated at once per layer
+— closed forms (arc-cosine (5.158)–(5.161) for ReLU/leaky ReLU/linear, arcsine for erf, sin)
+or 2-D quadrature (:func:`~torch_crit.theory.gaussian.expect2`, one shared grid for smooth
+built-ins). The recursion state is packed (diagonal ``[N]`` + strict upper triangle
+``[N(N-1)/2]``): each pair's transcendental functions are evaluated once per layer, and each
+layer is written to the ``[depth, N, N]`` output once, exactly symmetric.
 
 Example:
     >>> import torch
