@@ -25,6 +25,8 @@ _LAZY = {
     "empirical_ntk": "torch_crit.ntk",
     "empirical_dntk": "torch_crit.ntk",
     "ntk_velocity": "torch_crit.ntk",
+    "estimate_ntk_memory": "torch_crit.ntk",
+    "resolve_learning_rates": "torch_crit.ntk",
     "KernelFlowMonitor": "torch_crit.monitor",
 }
 _SUBMODULES = {"theory", "ntk", "monitor", "validate", "architecture", "init", "optim", "cli", "distributed"}
