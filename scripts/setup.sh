@@ -17,7 +17,7 @@ fi
 VPY=.venv/bin/python
 stamp=".venv/.torch_crit-setup"
 inputs=$(cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$VPY" -c "import torch_crit._C" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$VPY" -c "import torch, torch_crit._C" 2>/dev/null; then
   echo "[setup] .venv is up to date"
   exit 0
 fi
@@ -26,5 +26,5 @@ echo "[setup] installing build tools and $TORCH_SPEC"
 "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 echo "[setup] building torch_crit (C++ extension) with extras [$EXTRAS]"
 MAX_JOBS="${MAX_JOBS:-2}" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
-"$VPY" -c "import torch_crit._C, torch; print('[setup] torch', torch.__version__, '- torch_crit._C built')"
+"$VPY" -c "import torch, torch_crit._C; print('[setup] torch', torch.__version__, '- torch_crit._C built')"
 echo "$inputs" > "$stamp"

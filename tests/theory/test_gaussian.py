@@ -157,3 +157,7 @@ def test_expect2_shared_grid_only_where_accurate() -> None:
     assert gaussian._fixed_grid_nodes(torch.tanh, torch.tanh, one, one) is None  # plain callable
     relu = get_activation("relu").fn(0)
     assert gaussian._fixed_grid_nodes(relu, relu, one, one) is None  # kinked
+    sp = get_activation("softplus", beta=50.0).fn(0)
+    assert gaussian._fixed_grid_nodes(sp, sp, one, one) is None  # parameters: scale not bounded
+    t2 = get_activation("tanh").fn(2)
+    assert gaussian._fixed_grid_nodes(t2, t2, one, one) is None  # only orders 0, 1 validated

@@ -24,8 +24,8 @@ correlation (measured against the closed forms, incl. :math:`\rho \to 1`), degra
 ~1e-7 for steep integrands (:math:`\mathrm{erf}'`) at :math:`K \approx 20` — raise ``n_nodes``
 there. Cost: about 8·n × 3·n integrand evaluations per pair.
 
-Fast path (2-D). Pairs of smooth built-in activations (no kinks: tanh, gelu, swish, sigmoid,
-softplus, … and their derivatives) with :math:`\max K \le 10` and no explicit ``n_nodes``
+Fast path (2-D). Pairs of parameter-free smooth built-in activations (tanh, gelu, gelu_tanh,
+swish, sigmoid; values and first derivatives) with :math:`\max K \le 10` and no explicit ``n_nodes``
 are integrated on one grid shared by all pairs: composite Gauss–Legendre on the panels
 :math:`\pm\{0, 1, 2.5, 5, 8.5\}` in both ``u`` and ``v`` (10 nodes per panel up to
 :math:`K=3`, 14 up to :math:`K=10`), i.e. 80² or 112² evaluations of ``g`` per pair, batched
@@ -335,8 +335,13 @@ _FIXED_LEVELS = ((3.0, 10), (10.0, 14))  # (max variance, nodes per panel)
 
 
 def _is_smooth_builtin(f: Callable) -> bool:
+    """Value or first derivative of a parameter-free smooth registry activation (tanh, gelu,
+    gelu_tanh, sigmoid, swish, ...): the cases the shared grid was validated on. Parameters
+    (softplus beta, monomial p, ...) can make the integrand's scale arbitrarily small."""
     act = getattr(f, "activation", None)
     if act is None or getattr(act, "is_custom", True) or not getattr(act, "is_smooth", False):
+        return False
+    if dict(getattr(act, "params", {}) or {}) or int(getattr(f, "order", 0)) > 1:
         return False
     return not _kinks_of(f, None)
 

@@ -205,14 +205,15 @@ def _pairs_packed(
         pl = _pl_pair_packed(act.slopes[0], act.slopes[1], d, Kp, ii, jj, 1 in orders)
         return [pl[o] for o in orders]
     out = []
+    di, dj = torch.index_select(d, 0, ii), torch.index_select(d, 0, jj)
     for o in orders:
         f = act.fn(o)
         form = act.pair_closed_form(o, o)
         if form is not None:
-            out.append((form(d, d, d), form(d[ii], Kp, d[jj])))
+            out.append((form(d, d, d), form(di, Kp, dj)))
             continue
         diag = expect1(lambda z, f=f: f(z) ** 2, d, kinks=act.kinks)
-        off = expect2(f, f, d[ii], Kp, d[jj], n_nodes=n_nodes) if Kp.numel() else Kp.clone()
+        off = expect2(f, f, di, Kp, dj, n_nodes=n_nodes) if Kp.numel() else Kp.clone()
         out.append((diag, off))
     return out
 
