@@ -38,8 +38,11 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     by_setup = {r["setup"]: r for r in res["training"].values() if r["depth"] == deep}
     assert by_setup["critical+groups"]["final_train_loss"] < 0.5 * by_setup["default"]["final_train_loss"]
     assert by_setup["critical+groups"]["test_accuracy"] > by_setup["default"]["test_accuracy"] + 0.3
-    # the measured kernel at init follows the recursion at criticality (within 20%) and the default decays
+    # the measured kernel at init follows the recursion at criticality (within 20% + 3 standard
+    # errors over networks), while PyTorch's default init collapses every input onto one direction
+    # (correlation -> 1: the ordered phase, chi_perp < 1), which the critical network avoids
     k = res["kernel_at_init"]
-    for meas, th in zip(k["critical"], k["theory"]):
-        assert abs(meas - th) < 0.2 * th + 1e-3
-    assert k["default"][-1] < 1e-3 * k["theory"][-1]
+    for meas, se, th in zip(k["critical"], k["critical_stderr"], k["theory"]):
+        assert abs(meas - th) < 0.2 * th + 3 * se
+    assert k["default_correlation"][-1] > 0.99
+    assert abs(k["critical_correlation"][-1] - k["theory_correlation"][-1]) < 0.25

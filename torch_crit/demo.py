@@ -43,8 +43,8 @@ class DemoConfig:
     steps: int = 400
     batch_size: int = 128
     lr_global: float = 0.05
-    lambda_b: float = 1.0
-    lambda_W: float = 2.0
+    lambda_b: float = 3.0
+    lambda_W: float = 3.0
     probe_size: int = 64
     monitor_every: int = 50
     ntk_widths: tuple[int, ...] = (32, 64, 128, 256, 512)
