@@ -135,6 +135,17 @@ def _build(setup: str, depth: int, cfg: DemoConfig, n_in: int, n_out: int, seed:
 # experiments
 
 
+def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              batch_size: int, generator: torch.Generator) -> float:
+    """One minibatch step of cross-entropy training; returns the batch loss."""
+    idx = torch.randint(0, len(x), (batch_size,), generator=generator)
+    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def train_setups(cfg: DemoConfig, data, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Train every (depth, setup) pair; the monitor logs the critical+groups runs."""
     from tqdm.auto import tqdm
@@ -163,12 +174,7 @@ def train_setups(cfg: DemoConfig, data, out_dir: Path, progress: bool = True) ->
             losses: list[float] = []
             with monitor.attach(opt):
                 for _ in range(cfg.steps):
-                    idx = torch.randint(0, len(x_tr), (cfg.batch_size,), generator=g)
-                    loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    value = float(loss.detach())
+                    value = _sgd_step(model, opt, x_tr, y_tr, cfg.batch_size, g)
                     losses.append(value if math.isfinite(value) else float("nan"))
                     bar.update(1)
             with torch.no_grad():
@@ -255,11 +261,7 @@ def ntk_change_vs_width(cfg: DemoConfig, data, progress: bool = True) -> dict[st
         theta0 = torch_crit.empirical_ntk(model, probe, output="trace")
         g = torch.Generator().manual_seed(cfg.seed + 2)
         for _ in range(cfg.ntk_steps):
-            idx = torch.randint(0, len(x_tr), (cfg.batch_size,), generator=g)
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _sgd_step(model, opt, x_tr, y_tr, cfg.batch_size, g)
         theta1 = torch_crit.empirical_ntk(model, probe, output="trace")
         rel = float(torch.linalg.norm(theta1 - theta0) / torch.linalg.norm(theta0))
         rows.append({"width": width, "relative_change": rel})

@@ -354,7 +354,7 @@ def test_no_second_derivatives_is_a_clear_error(method: str):
 def test_result_too_large_is_a_clear_error(monkeypatch):
     import torch_crit.ntk.dntk as dntk
 
-    monkeypatch.setattr(dntk, "_available_bytes", lambda device: 1_000)
+    monkeypatch.setattr(dntk, "available_memory", lambda device: 1_000)
     model, x, _ = _make("tanh_mlp")
     with pytest.raises(DNTKMemoryError, match="diagonal_outputs"):
         empirical_dntk(model, x)

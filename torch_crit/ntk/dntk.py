@@ -56,6 +56,7 @@ from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
+from torch_crit.ntk.memory import available_memory
 from torch_crit.ntk.inputs import ModelInput, batch_size, batched_tensors, call_model, cast_inputs, flatten_output, validate_inputs
 
 __all__ = ["empirical_dntk", "ntk_velocity", "estimate_dntk_memory", "DNTKMemoryError", "SecondDerivativeError"]
@@ -181,21 +182,6 @@ def _prepare(
 # ----------------------------------------------------------------------------- memory
 
 
-def _available_bytes(device: torch.device) -> int:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux
-        pass
-    return 8 * 2**30  # pragma: no cover
-
-
 def estimate_dntk_memory(
     n: int,
     k: int,
@@ -233,7 +219,7 @@ def estimate_dntk_memory(
 
 def _check_result_fits(n: int, k: int, output: str, itemsize: int, device: torch.device, what: str) -> None:
     need = n**3 * (k**3 if output == "full" else k) * itemsize
-    avail = _available_bytes(device)
+    avail = available_memory(device)
     if need > 0.8 * avail:
         raise DNTKMemoryError(
             f"{what}: the result alone needs {need / 2**30:.2f} GiB (N={n}, k={k}, output={output!r}, "
@@ -245,7 +231,7 @@ def _check_result_fits(n: int, k: int, output: str, itemsize: int, device: torch
 
 def _check_directions_fit(n: int, k: int, num_params: int, itemsize: int, device: torch.device, what: str) -> None:
     need = 2 * n * k * num_params * itemsize  # Λ∇z for every direction, plus one block's derivatives
-    avail = _available_bytes(device)
+    avail = available_memory(device)
     if need > 0.8 * avail:
         raise DNTKMemoryError(
             f"{what}: the N·k = {n * k} gradient directions over P = {num_params} parameters need about "
@@ -255,7 +241,7 @@ def _check_directions_fit(n: int, k: int, num_params: int, itemsize: int, device
 
 
 def _auto_block(n_dirs: int, per_dir_bytes: int, device: torch.device) -> int:
-    budget = min(_available_bytes(device) // 4, int(os.environ.get("TORCH_CRIT_DNTK_BLOCK_BYTES", 1 << 30)))
+    budget = min(available_memory(device) // 4, int(os.environ.get("TORCH_CRIT_DNTK_BLOCK_BYTES", 1 << 30)))
     return int(max(1, min(n_dirs, budget // max(per_dir_bytes, 1))))
 
 
