@@ -19,6 +19,20 @@ def _seeded():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded and restore the thread count afterwards.
+
+    Tests bound by many small ops are faster with one intra-op thread and immune to
+    oversubscription when the machine is busy. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` or per test.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

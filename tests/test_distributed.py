@@ -52,9 +52,15 @@ def _worker(rank: int, world: int, port: int, out_path: str, results) -> None:
 
 def _run(world: int, out_path: str) -> dict[tuple[int, str], object]:
     ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), out_path, results), nprocs=world,
-                       join=True, start_method="spawn")
+    for attempt in range(2):  # the free port can be taken between probing and rendezvous: retry once
+        results = ctx.SimpleQueue()
+        try:
+            mp.start_processes(_worker, args=(world, _free_port(), out_path, results), nprocs=world,
+                               join=True, start_method="spawn")
+            break
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            if attempt == 1:
+                raise
     out = {}
     while not results.empty():
         rank, scenario, payload = results.get()

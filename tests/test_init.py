@@ -52,15 +52,6 @@ DEPTH, WIDTH, N0, SEEDS = 64, 512, 16, 5
 CHECK_LAYERS = [1, 2, 4, 8, 16, 32, 64]
 
 
-@pytest.fixture
-def one_thread():
-    """Small matmuls: one thread is faster and immune to oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("act_cls", [nn.ReLU, nn.Tanh, nn.GELU, Atan], ids=["relu", "tanh", "gelu", "user-atan"])
 def test_deep_mlp_kernel_follows_theory_and_default_init_does_not(act_cls, one_thread):

@@ -23,14 +23,6 @@ def by_name(groups):
     return {g["name"]: g for g in groups}
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------- exact rates
 def test_relu_rates_are_9_94():
     net = mlp(nn.ReLU, 5, 16, 4)

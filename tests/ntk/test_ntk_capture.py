@@ -10,12 +10,8 @@ from torch_crit.ntk.learning_rates import resolve_learning_rates
 from torch_crit.ntk.structured import call_features, unfold_conv_input
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny problems: one intra-op thread (shared fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_sample_weight_grads(net: nn.Module, x: torch.Tensor, pname: str) -> torch.Tensor:

@@ -10,12 +10,8 @@ from torch_crit.ntk.empirical import NonDifferentiableError, ZeroJacobianWarning
 from torch_crit.ntk.memory import NTKMemoryError, plan_memory
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny problems: one intra-op thread (shared fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:

@@ -23,14 +23,8 @@ from torch_crit.theory.learning import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests are bound by many small ops; on a loaded 2-core machine two OpenMP threads make
-    such loops ~40x slower (barrier spinning), so run them single-threaded and restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# many small ops: single-threaded (shared fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_kernel(n: int, *, p: int = 40, seed: int = 0, offset: float = 0.3) -> torch.Tensor:
