@@ -83,6 +83,8 @@ def configs(quick: bool, device: str) -> List[Dict[str, Any]]:
              methods=["jc", "ntkvp", "nngeometry", "generic", "struct_torch", "struct_ext"]),
         dict(name="cnn_N64_full", model="cnn", width=16, k=10, N=64, output="full",
              methods=["jc", "nngeometry", "generic", "struct_torch", "struct_ext"]),
+        dict(name="cnn64_N64_full", model="cnn", width=64, k=10, N=64, output="full",
+             methods=["jc", "generic", "struct_torch", "struct_ext"]),
         dict(name="mlp512_N1024_full", model="mlp", d=64, width=512, depth=8, k=10, N=1024, output="full",
              methods=["jc", "struct_torch", "struct_ext"]),
         dict(name="mlp512_N4096_trace", model="mlp", d=64, width=512, depth=8, k=10, N=4096, output="trace",
@@ -282,11 +284,20 @@ def main() -> None:
     except ImportError:
         have_nngeom = False
     rows: List[Dict[str, Any]] = []
-    payload: Dict[str, Any] = {"rows": rows, "baselines": BASELINES, "notes": [
+    if args.only or args.methods:  # a partial run replaces its own rows and keeps the others
+        old = HERE / "results" / f"{name}.json"
+        if old.exists():
+            wanted = {(c["name"], m) for c in cfgs for m in c["methods"]
+                      if not args.methods or m in args.methods.split(",")}
+            rows.extend(r for r in json.loads(old.read_text()).get("rows", [])
+                        if (r.get("config"), r.get("method")) not in wanted)
+    payload: Dict[str, Any] = {"rows": rows, "baselines": BASELINES, "load_average_at_start": list(os.getloadavg()),
+                               "notes": [
         "float32 timings, median of 3 after 1 warm-up (a first call over 60 s is timed once: single_call, †); "
         "peak RSS per method subprocess (ru_maxrss, MiB)",
         "rel_err = max|Θ−Θ_ref|/max|Θ_ref| on the first ≤128 examples vs torch_crit float64 structured",
-        "the 2-core machine is shared with other jobs during the run: timings include that load",
+        "load_average_at_start: the 1/5/15-min load of the machine when the run began (2 cores; "
+        "above ~0.5 other jobs shared the cores and timings include that load)",
         f"C++ extension loaded: {ops.HAS_EXT}",
     ]}
     tmp = Path(tempfile.mkdtemp(prefix="ntk_speed_"))

@@ -7,10 +7,11 @@
 //   1. G = A_t[tile rows] @ B_t[tile cols]^T  -> [Ti*K1, Tj*K2], one BLAS GEMM into a per-thread
 //      buffer (float64 GEMMs over float64 copies of the operands, in chunks of kChunkM columns,
 //      when accumulate_fp64 is set for float32 inputs);
-//   2. acc[i, j, a, b] += G[(i, a), (j, b)] * C_t[i, j (, a, b)]  (the Hadamard epilogue, into a
-//      per-thread tile accumulator);
-// and only then is the accumulator added to out, so out is read and written once per call and no
-// [N1, N2, K1, K2] temporary exists. Memory beyond out: per thread one G tile and one accumulator
+//   2. acc[(i, a), (j, b)] += G[(i, a), (j, b)] * C_t[i, j (, a, b)]  (the Hadamard epilogue, into
+//      a per-thread tile accumulator with the GEMM's layout; a term without C is accumulated by
+//      BLAS itself, addmm with beta = 1, and needs no G);
+// and only then is the accumulator added (transposed to [i, j, a, b]) to out, so out is read and
+// written once per call and no [N1, N2, K1, K2] temporary exists. Memory beyond out: per thread one G tile and one accumulator
 // tile (about kTileRows^2 elements each) plus, in fp64 mode, two kTileRows x kChunkM buffers.
 //
 // Threads. With at least two tiles per thread the tiles are shared out dynamically (an atomic
@@ -89,63 +90,67 @@ Tiling make_tiling(int64_t N1, int64_t N2, int64_t K1, int64_t K2, bool symmetri
   return t;
 }
 
-// acc[ii, jj, a, b] += G[(ii, a), (jj, b)] * C[i0 + ii, j0 + jj (, a, b)]
+// acc[(ii, a), (jj, b)] += G[(ii, a), (jj, b)] * C[i0 + ii, j0 + jj (, a, b)]: the accumulator
+// has the GEMM's layout, so the epilogue streams both rows (vectorisable; the K2 == 1 case of the
+// dNTK's single-output terms is a plain row product) and the [i, j, a, b] transposition happens
+// once per tile in write_back, not once per term.
 template <typename scalar_t, typename acc_t>
-void epilogue(acc_t* acc, const acc_t* G, const CpuTerm& term, int64_t i0, int64_t ti, int64_t j0,
-              int64_t tj, int64_t K1, int64_t K2) {
+void epilogue(acc_t* __restrict__ acc, const acc_t* __restrict__ G, const CpuTerm& term, int64_t i0,
+              int64_t ti, int64_t j0, int64_t tj, int64_t K1, int64_t K2) {
   const int64_t S = tj * K2;
   const scalar_t* C = static_cast<const scalar_t*>(term.c);
+  if (term.c_mode == CMode::kNone) {
+    const int64_t n = ti * K1 * S;
+    for (int64_t q = 0; q < n; ++q) acc[q] += G[q];
+    return;
+  }
   for (int64_t ii = 0; ii < ti; ++ii) {
     for (int64_t a = 0; a < K1; ++a) {
-      const acc_t* grow = G + (ii * K1 + a) * S;
-      for (int64_t jj = 0; jj < tj; ++jj) {
-        acc_t* ap = acc + ((ii * tj + jj) * K1 + a) * K2;
-        const acc_t* gp = grow + jj * K2;
-        if (term.c_mode == CMode::kNone) {
-          for (int64_t b = 0; b < K2; ++b) ap[b] += gp[b];
-        } else if (term.c_mode == CMode::kPair) {
-          const acc_t c = static_cast<acc_t>(C[(i0 + ii) * term.cs[0] + (j0 + jj) * term.cs[1]]);
-          for (int64_t b = 0; b < K2; ++b) ap[b] += gp[b] * c;
+      const int64_t row = (ii * K1 + a) * S;
+      acc_t* __restrict__ ap = acc + row;
+      const acc_t* __restrict__ gp = G + row;
+      if (term.c_mode == CMode::kPair) {
+        const scalar_t* cp = C + (i0 + ii) * term.cs[0] + j0 * term.cs[1];
+        const int64_t cj = term.cs[1];
+        if (K2 == 1) {
+          for (int64_t jj = 0; jj < tj; ++jj) ap[jj] += gp[jj] * static_cast<acc_t>(cp[jj * cj]);
         } else {
-          const scalar_t* cp =
-              C + (i0 + ii) * term.cs[0] + (j0 + jj) * term.cs[1] + a * term.cs[2];
-          const int64_t cb = term.cs[3];
-          for (int64_t b = 0; b < K2; ++b) ap[b] += gp[b] * static_cast<acc_t>(cp[b * cb]);
+          for (int64_t jj = 0; jj < tj; ++jj) {
+            const acc_t c = static_cast<acc_t>(cp[jj * cj]);
+            for (int64_t b = 0; b < K2; ++b) ap[jj * K2 + b] += gp[jj * K2 + b] * c;
+          }
         }
+      } else {
+        const scalar_t* cp = C + (i0 + ii) * term.cs[0] + j0 * term.cs[1] + a * term.cs[2];
+        const int64_t cj = term.cs[1], cb = term.cs[3];
+        for (int64_t jj = 0; jj < tj; ++jj)
+          for (int64_t b = 0; b < K2; ++b)
+            ap[jj * K2 + b] += gp[jj * K2 + b] * static_cast<acc_t>(cp[jj * cj + b * cb]);
       }
     }
   }
 }
 
-// out[i0 + ii, j0 + jj, a, b] += acc[ii, jj, a, b] (one rounding), with the symmetric mirror.
+// out[i0 + ii, j0 + jj, a, b] += acc[(ii, a), (jj, b)] (one rounding), with the symmetric mirror.
 template <typename scalar_t, typename acc_t>
 void write_back(scalar_t* out, const acc_t* acc, const Tiling& tl, int64_t i0, int64_t ti,
                 int64_t j0, int64_t tj, bool diagonal) {
-  const int64_t K1 = tl.K1, K2 = tl.K2, KK = K1 * K2;
-  if (!tl.symmetric) {
-    for (int64_t ii = 0; ii < ti; ++ii) {
-      scalar_t* op = out + ((i0 + ii) * tl.N2 + j0) * KK;
-      const acc_t* ap = acc + ii * tj * KK;
-      const int64_t n = tj * KK;
-      for (int64_t q = 0; q < n; ++q)
-        op[q] = static_cast<scalar_t>(static_cast<acc_t>(op[q]) + ap[q]);
-    }
-    return;
-  }
+  const int64_t K1 = tl.K1, K2 = tl.K2, KK = K1 * K2, S = tj * K2;
   for (int64_t ii = 0; ii < ti; ++ii) {
     const int64_t i = i0 + ii;
     for (int64_t jj = 0; jj < tj; ++jj) {
       const int64_t j = j0 + jj;
-      if (diagonal && i > j) continue;
-      const acc_t* ap = acc + (ii * tj + jj) * KK;
+      if (tl.symmetric && diagonal && i > j) continue;
       scalar_t* op = out + (i * tl.N2 + j) * KK;
-      for (int64_t q = 0; q < KK; ++q)
-        op[q] = static_cast<scalar_t>(static_cast<acc_t>(op[q]) + ap[q]);
-      if (i < j) {
+      const acc_t* ap = acc + ii * K1 * S + jj * K2;  // acc[(ii, a), (jj, b)] = ap[a * S + b]
+      for (int64_t a = 0; a < K1; ++a)
+        for (int64_t b = 0; b < K2; ++b)
+          op[a * K2 + b] = static_cast<scalar_t>(static_cast<acc_t>(op[a * K2 + b]) + ap[a * S + b]);
+      if (tl.symmetric && i < j) {
         scalar_t* mp = out + (j * tl.N2 + i) * KK;  // out[j, i, b, a]
         for (int64_t a = 0; a < K1; ++a)
           for (int64_t b = 0; b < K2; ++b)
-            mp[b * K1 + a] = static_cast<scalar_t>(static_cast<acc_t>(mp[b * K1 + a]) + ap[a * K2 + b]);
+            mp[b * K1 + a] = static_cast<scalar_t>(static_cast<acc_t>(mp[b * K1 + a]) + ap[a * S + b]);
       }
     }
   }
@@ -158,7 +163,7 @@ struct TileWorker {
   const std::vector<CpuTerm>& terms;
   scalar_t* out;
   at::Tensor gbuf, abuf, bbuf;  // G tile (acc_t); float64 operand chunks (fp64 mode only)
-  std::vector<acc_t> acc;
+  at::Tensor acc;                // tile accumulator [(ii, a), (jj, b)] (acc_t)
 
   static constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
 
@@ -167,7 +172,7 @@ struct TileWorker {
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const int64_t R = tl.Ti * tl.K1, S = tl.Tj * tl.K2;
     gbuf = at::empty({R * S}, opts);
-    acc.resize(static_cast<size_t>(tl.Ti * tl.Tj * tl.K1 * tl.K2));
+    acc = at::empty({R * S}, opts);
     if (kConvert) {
       int64_t mmax = 0;
       for (const auto& t : terms) mmax = std::max(mmax, t.M);
@@ -202,15 +207,22 @@ struct TileWorker {
     const int64_t i0 = bi * tl.Ti, ti = std::min(tl.Ti, tl.N1 - i0);
     const int64_t j0 = bj * tl.Tj, tj = std::min(tl.Tj, tl.N2 - j0);
     const int64_t R = ti * tl.K1, S = tj * tl.K2;
-    std::fill(acc.begin(), acc.begin() + ti * tj * tl.K1 * tl.K2, acc_t(0));
+    at::Tensor av = acc.narrow(0, 0, R * S).view({R, S});
+    av.zero_();
     at::Tensor g = gbuf.narrow(0, 0, R * S).view({R, S});
     for (const CpuTerm& term : terms) {
       if (term.M == 0) continue;
-      gram(g, term.a_rows.narrow(0, i0 * tl.K1, R), term.b_rows.narrow(0, j0 * tl.K2, S), term.M);
-      epilogue<scalar_t, acc_t>(acc.data(), g.const_data_ptr<acc_t>(), term, i0, ti, j0, tj, tl.K1,
-                                tl.K2);
+      at::Tensor a_tile = term.a_rows.narrow(0, i0 * tl.K1, R);
+      at::Tensor b_tile = term.b_rows.narrow(0, j0 * tl.K2, S);
+      if (!kConvert && term.c_mode == CMode::kNone) {
+        at::cpu::addmm_out(av, av, a_tile, b_tile.t());  // plain Gram: BLAS accumulates (beta = 1)
+        continue;
+      }
+      gram(g, a_tile, b_tile, term.M);
+      epilogue<scalar_t, acc_t>(av.mutable_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), term, i0,
+                                ti, j0, tj, tl.K1, tl.K2);
     }
-    write_back<scalar_t, acc_t>(out, acc.data(), tl, i0, ti, j0, tj, tl.symmetric && bi == bj);
+    write_back<scalar_t, acc_t>(out, av.const_data_ptr<acc_t>(), tl, i0, ti, j0, tj, bi == bj);
   }
 };
 

@@ -396,6 +396,14 @@ def test_contraction_order_chosen_by_cost():
     T, plan = torch_crit.empirical_ntk(big, x, return_plan=True)
     assert plan.layers[0].contraction == "per_sample"
     assert rel_err(T, reference_ntk(big, x)) <= 1e-10
+    # the calibrated cases (benchmarks/ntk_speed.py CNN, 10 outputs, 4×4 positions): 32 channels →
+    # per-sample gradients (4× faster measured), 128 channels → position pairs (3× faster)
+    for ch, want in ((32, "per_sample"), (128, "position_pair")):
+        late = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.Flatten(), nn.Linear(ch * 16, 10))
+        plan = torch_crit.ntk.empirical.plan_ntk(late, torch.randn(64, ch, 4, 4))
+        assert plan.layers[0].contraction == want, str(plan)
+        assert set(plan.layers[0].flops) == {"per_sample", "position_pair", "jacobian"}
+        assert plan.layers[0].flops["jacobian"] >= min(plan.layers[0].flops["per_sample"], plan.layers[0].flops["position_pair"])
     # Linear over tokens: few tokens → pairs; both give the reference
     seq = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)).double()
     x = torch.randn(3, 2, 8, dtype=torch.float64)

@@ -13,15 +13,22 @@ G_{i;a,g,o,p}X_{i;g,c,p}` and the layer's block of (8.5) with scales λ (8.6) is
         (\lambda_W X_{i;g,\cdot,p}\cdot X_{j;g,\cdot,q} + \lambda_b).
 
 Two contraction orders give the same number (Novak et al., "Fast Finite Width Neural Tangent
-Kernel", ICML 2022):
+Kernel", ICML 2022, §4: the cost of each order depends on where the sum over positions goes):
 
 * ``position_pair`` (``gram`` when there is one position, the classic
   :math:`(G G^\top)\odot(\lambda_W X X^\top + \lambda_b)` of dense layers): one term of the
   fused primitive per (group, p, q), cost ∝ :math:`N_1N_2 P^2 (c + K^2 o)`;
 * ``per_sample``: per-example weight gradients :math:`J_i` (``[N, k, g·o·c]``), then
-  :math:`\lambda_W J_i J_j^\top`, cost ∝ :math:`N k P g o c + N_1N_2K^2 g o c`.
+  :math:`\lambda_W J_i J_j^\top`, cost ∝ :math:`N k P g o c + N_1N_2K^2 g o c`
+  (what the Jacobian contraction does for this layer).
 
-:func:`choose_contraction` picks the cheaper by this FLOP model. The terms go to
+:func:`choose_contraction` picks the cheaper by a cost model: GEMM FLOPs, scaled up when the
+GEMM's inner dimension is short, plus the memory traffic of temporaries and of the scalar
+Hadamard epilogue (calibrated on this project's 2-core CPU: with 10 outputs a 4×4-position conv
+layer of 32 channels is 4× faster per-sample, one of 128 channels 3× faster by position pairs).
+A third order — the position Gram contracted with one side's cotangents first — was measured
+and dropped: its ``N₁N₂·P·k·o`` temporary makes it memory-bound, slower than the better of these
+two on every conv layer tried. The terms go to
 ``torch_crit._ops.gram_hadamard_accumulate_`` (backend ``"ext"``, the C++/CUDA kernel) or to its
 pure-PyTorch reference (backend ``"torch"``).
 """
@@ -47,6 +54,7 @@ __all__ = [
     "unit_diagonal",
     "choose_contraction",
     "contraction_flops",
+    "contraction_cost",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -274,36 +282,76 @@ def unit_diagonal(unit: Unit, f: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.einsum("gnao,gnbo->nab", S, S) * unit.lam_b
 
 
+# Cost model constants (2-core CPU measurements; the ratios, not the absolute values, matter):
+# a GEMM reaches its full rate only with an inner dimension of about _GEMM_FULL_INNER or more, and
+# moving one element through memory (a temporary written and read back, a scalar epilogue) costs
+# about _ELEMENT_COST FLOPs of a full-rate GEMM.
+_GEMM_FULL_INNER = 64.0
+_ELEMENT_COST = 24.0
+
+
+def _gemm(flops: float, inner: float) -> float:
+    return flops * max(1.0, _GEMM_FULL_INNER / max(1.0, inner))
+
+
 def contraction_flops(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, float]:
-    """FLOP model of both contraction orders for one ``n1 × n2`` tile (forming included)."""
+    """FLOP count of the two contraction orders for one ``n1 × n2`` tile (forming included)."""
+    return {key: v[0] for key, v in _contraction_model(unit, n1, n2, k, trace).items()}
+
+
+def contraction_cost(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, float]:
+    """Modelled cost (FLOP-equivalents) of the two orders: GEMM FLOPs scaled up when the inner
+    dimension is short, plus the memory traffic of temporaries and epilogues."""
+    return {key: v[1] for key, v in _contraction_model(unit, n1, n2, k, trace).items()}
+
+
+def _contraction_model(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, Tuple[float, float]]:
     g, c, o, P = unit.groups, unit.c, unit.o, unit.positions
     kk = k if trace else k * k  # output pairs per example pair (trace: k diagonal ones)
-    pair = 2.0 * g * P * P * n1 * n2 * (c + kk * o)
-    per_sample = 2.0 * (n1 + n2) * k * P * g * o * c + 2.0 * n1 * n2 * kk * g * o * c
-    return {"position_pair": pair, "per_sample": per_sample}
+    e = _ELEMENT_COST
+    pairs = float(g * P * P * n1 * n2)
+    # position pairs: per (g, p, q) a Gram over o (short inner dimension) and a scalar epilogue
+    pair_f = 2.0 * pairs * (c + kk * o)
+    pair_c = _gemm(2.0 * pairs * c, c) + _gemm(2.0 * pairs * kk * o, o) + e * pairs * kk
+    # per-sample gradients: forming J (inner P), then one Gram over g·o·c
+    form = 2.0 * (n1 + n2) * k * P * g * o * c
+    gram = 2.0 * n1 * n2 * kk * g * o * c
+    ps_f = form + gram
+    ps_c = _gemm(form, P) + e * (n1 + n2) * k * g * o * c + _gemm(gram, g * o * c)
+    return {"position_pair": (pair_f, pair_c), "per_sample": (ps_f, ps_c)}
 
 
-def choose_contraction(unit: Unit, n1: int, n2: int, k: int, trace: bool, *, max_pair_terms: int = 4096) -> None:
+def choose_contraction(unit: Unit, n1: int, n2: int, k: int, trace: bool, *, max_pair_terms: int = 4096,
+                       forced: Optional[str] = None) -> None:
     """Set ``unit.contraction`` (and ``reason``, ``flops``) by the FLOP model.
 
     A bias-only unit is always ``position_pair`` (its cost does not depend on ``P``²). Pair
-    contraction needs ``g·P²`` primitive terms and is ruled out above ``max_pair_terms``.
+    contraction needs ``g·P²`` primitive terms and is ruled out above ``max_pair_terms``;
+    ``forced`` overrides the choice (tests, benchmarks).
     """
     if unit.weight is None or unit.lam_w == 0.0:
         unit.contraction, unit.reason = "position_pair", "bias only: summed cotangents, one term"
         unit.flops = {"position_pair": 2.0 * n1 * n2 * k * k * unit.groups * unit.o}
         return
-    fl = contraction_flops(unit, n1, n2, k, trace)
+    model = _contraction_model(unit, n1, n2, k, trace)
+    fl = {key: v[0] for key, v in model.items()}
     unit.flops = fl
     nterms = unit.groups * unit.positions ** 2
+    allowed = {key: v[1] for key, v in model.items()}
     if nterms > max_pair_terms:
-        unit.contraction = "per_sample"
-        unit.reason = f"g·P² = {nterms} position pairs > {max_pair_terms}: per-sample weight gradients"
+        del allowed["position_pair"]
+    if forced is not None:
+        if forced not in fl:
+            raise ValueError(f"unknown contraction {forced!r}; one of {sorted(fl)}.")
+        unit.contraction, unit.reason = forced, f"{forced} (forced)"
         return
-    if fl["position_pair"] <= fl["per_sample"]:
-        unit.contraction = "position_pair"
+    best = min(allowed, key=lambda key: (allowed[key], key != "position_pair"))
+    unit.contraction = best
+    others = ", ".join(f"{key} {v:.3g}" for key, v in sorted(allowed.items()) if key != best) or "the only order allowed"
+    if best == "position_pair":
         kind = "activation Gram ⊙ cotangent Gram" if unit.groups * unit.positions == 1 else f"{nterms} position-pair Grams"
-        unit.reason = f"{kind}: {fl['position_pair']:.3g} FLOP ≤ per-sample gradients {fl['per_sample']:.3g}"
     else:
-        unit.contraction = "per_sample"
-        unit.reason = f"per-sample weight gradients: {fl['per_sample']:.3g} FLOP < position pairs {fl['position_pair']:.3g}"
+        kind = "per-sample weight gradients"
+    unit.reason = f"{kind}: modelled cost {allowed[best]:.3g} (vs {others}; {fl[best]:.3g} FLOP)"
+    if "position_pair" not in allowed:
+        unit.reason += f"; g·P² = {nterms} position pairs > {max_pair_terms}"
