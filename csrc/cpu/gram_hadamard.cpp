@@ -46,6 +46,7 @@ constexpr int64_t kTileRows = 320;   // target rows (i, a) / columns (j, b) per 
 constexpr int64_t kMinTileRows = 64;  // smallest tile the tiling shrinks to for parallelism
 constexpr int64_t kTilesPerThread = 4;
 constexpr int64_t kChunkM = 1024;    // inner-dimension chunk of the float64 conversion buffers
+constexpr double kMinParallelWork = 3.2e7;  // multiply-adds (~10 ms single-threaded) before tiles go parallel
 
 // One term with its operands as row matrices: A rows [N1*K1, M], B rows [N2*K2, M].
 struct CpuTerm {
@@ -230,7 +231,14 @@ template <typename scalar_t, typename acc_t>
 void run_tiles(const Tiling& tl, const std::vector<CpuTerm>& terms, scalar_t* out) {
   const int64_t n_pairs = static_cast<int64_t>(tl.pairs.size());
   const int64_t n_threads = at::get_num_threads();
-  if (n_threads <= 1 || n_pairs < 2 * n_threads || at::in_parallel_region()) {
+  // multiply-adds of the whole call: below kMinParallelWork a parallel region costs more than it
+  // saves (and on a busy machine a descheduled worker stalls the barrier)
+  double work = 0.0;
+  for (const auto& t : terms)
+    work += static_cast<double>(tl.N1 * tl.K1) * static_cast<double>(tl.N2 * tl.K2) * (t.M + 1);
+  if (tl.symmetric) work *= 0.5;
+  if (n_threads <= 1 || n_pairs < 2 * n_threads || at::in_parallel_region() ||
+      work < kMinParallelWork) {
     TileWorker<scalar_t, acc_t> w(tl, terms, out);  // BLAS may use the intra-op threads here
     for (const auto& p : tl.pairs) w.run(p.first, p.second);
     return;
