@@ -50,22 +50,57 @@ def test_kernel_vs_trained_quick(tmp_path, monkeypatch):
         assert (tmp_path / "kernel_vs_trained_quick.png").stat().st_size > 0
 
 
+def _unit_scaling_importable() -> bool:
+    try:
+        import unit_scaling  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+QUICK_SWEEPS = {"width": [[16, 3], [64, 3]], "depth": [[32, 3], [32, 8]]}
+
+
 @pytest.mark.slow
 def test_lr_transfer_quick(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    params = ["tc-sgd", "tc-adam"] + (["mup-adam"] if importlib.util.find_spec("mup") else [])
+    has_uu = _unit_scaling_importable()
+    params = ["tc-sgd", "tc-adam", "uu-adam"] + (["mup-adam"] if importlib.util.find_spec("mup") else [])
     rc = run_script("lr_transfer", ["--quick", "--out", str(tmp_path), "--acts", "tanh", "--steps", "3",
                                     "--params", *params], monkeypatch)
     assert rc == 0
     res = json.loads((tmp_path / "lr_transfer_quick.json").read_text())
-    assert set(res["step_check"]) == {f"{p}/tanh" for p in params}
-    assert all(v < 1e-5 for v in res["step_check"].values()), res["step_check"]  # batched = real optimizer
-    assert len(res["rows"]) == len(params) * 4  # 4 distinct architectures in the quick sweeps
+    ran = [p for p in params if has_uu or not p.startswith("uu")]
+    assert res["config"]["sweeps"] == QUICK_SWEEPS and res["config"]["params"] == ran
+    assert set(res["step_check"]) == {f"{p}/tanh" for p in ran}
+    assert all(v < 1e-10 for v in res["step_check"].values()), res["step_check"]  # float64: batched = real optimizer
+    assert len(res["rows"]) == len(ran) * 4  # 4 distinct architectures in the quick sweeps
+    assert set(res["summary"]) == {f"{p}/tanh" for p in ran}
     for key, entry in res["summary"].items():
+        assert set(entry) == {"width", "depth"}, key
         for axis, e in entry.items():
+            assert set(e["optimal_lr"]) == {f"{w}x{d}" for w, d in QUICK_SWEEPS[axis]}
             assert math.isfinite(e["lr_spread"]) and e["lr_spread"] >= 1.0, (key, axis)
             assert math.isfinite(e["transfer_gap"]) and e["transfer_gap"] >= 0.0, (key, axis)
             assert all(math.isfinite(v) for v in e["optimal_loss"].values())
+    cal = res["calibration"]
+    assert set(cal["cells"]) == {"16x3", "32x3", "32x8", "64x3"} and cal["estimated_total_s"] > 0
+    if has_uu:  # u-μP ran with its own modules and optimizer; the note says how
+        assert any(n.startswith("u-μP:") for n in res["notes"]), res["notes"]
+    else:
+        assert any(n.startswith("unit-scaling (u-μP) not importable") for n in res["notes"]), res["notes"]
     if importlib.util.find_spec("matplotlib"):
-        for p in params:
+        for p in ran:
             assert (tmp_path / f"lr_transfer_quick_{p}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_lr_transfer_skips_uu_without_unit_scaling(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.setitem(sys.modules, "unit_scaling", None)  # `import unit_scaling` now raises ImportError
+    rc = run_script("lr_transfer", ["--quick", "--out", str(tmp_path), "--acts", "relu", "--steps", "2", "--n-lr", "3",
+                                    "--params", "uu-sgd", "tc-sgd"], monkeypatch)
+    assert rc == 0
+    res = json.loads((tmp_path / "lr_transfer_quick.json").read_text())
+    assert res["config"]["params"] == ["tc-sgd"] and set(res["summary"]) == {"tc-sgd/relu"}
+    assert any(n.startswith("unit-scaling (u-μP) not importable") for n in res["notes"]), res["notes"]
