@@ -16,9 +16,15 @@ on N=4; the CPU time is the fairer measure on a machine shared with other jobs),
 the fused contraction (structured only), peak RSS of the subprocess, and the max relative error
 against the float64 structured result (itself checked to 1e-9 against a brute-force autograd
 reference in tests/ntk/test_dntk.py). Table on stdout, JSON in benchmarks/results/dntk_speed.json
-(written after every row, atomically).
+(``dntk_speed_cuda.json`` with ``--device cuda``; ``--json`` to write elsewhere), written after every
+row, atomically.
 
-Usage: ``python benchmarks/dntk_speed.py [--quick] [--timeout 60] [--threads 2]``.
+``--device cuda`` runs the same table on the GPU (model, inputs and every method on ``cuda:0``;
+times synchronised; peak GPU memory reported as well); on a machine without CUDA it exits with a
+message and status 2. ``--n 16,32`` runs a subset of the sizes.
+
+Usage: ``python benchmarks/dntk_speed.py [--quick] [--n 16,32] [--device cpu|cuda] [--timeout 60]
+[--threads 2] [--json PATH]``.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "dntk_speed.json"
+RESULTS_CUDA = ROOT / "benchmarks" / "results" / "dntk_speed_cuda.json"
 METHODS = ["recipe", "generic", "structured/torch", "structured/ext"]
 
 
@@ -73,7 +80,7 @@ def _recipe(torch, model, x):
     return out
 
 
-def worker(method: str, n: int, threads: int, timeout: float) -> None:
+def worker(method: str, n: int, threads: int, timeout: float, device: str = "cpu") -> None:
     import torch
     from torch import nn
 
@@ -82,18 +89,26 @@ def worker(method: str, n: int, threads: int, timeout: float) -> None:
     import torch_crit.ntk.dntk_structured as ds
     from torch_crit.ntk.dntk import empirical_dntk
 
+    cuda = device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     contraction = [0.0]
     orig = ds._accumulate
 
     def timed(*a, **kw):
+        sync()
         t = time.perf_counter()
         orig(*a, **kw)
+        sync()
         contraction[0] += time.perf_counter() - t
 
     ds._accumulate = timed
-    model = _model(torch, nn)
+    model = _model(torch, nn).to(device)
     gen = torch.Generator().manual_seed(1)
-    x_all = torch.randn(128, 32, generator=gen)
+    x_all = torch.randn(128, 32, generator=gen).to(device)
     x = x_all[:n]
 
     def run(xx):
@@ -105,6 +120,9 @@ def worker(method: str, n: int, threads: int, timeout: float) -> None:
         return empirical_dntk(model, xx, method="structured", backend=backend)
 
     run(x_all[:4])  # warm-up (torch.func first-use costs)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     class _Timeout(Exception):
         pass
@@ -120,8 +138,10 @@ def worker(method: str, n: int, threads: int, timeout: float) -> None:
     try:
         while len(times) < 3 and (total < 10.0 or not times):
             contraction[0] = 0.0
+            sync()
             t, c = time.perf_counter(), time.process_time()
             res = run(x)
+            sync()
             dt = time.perf_counter() - t
             times.append(dt)
             cpu.append(time.process_time() - c)
@@ -139,21 +159,34 @@ def worker(method: str, n: int, threads: int, timeout: float) -> None:
     ref = empirical_dntk(model, x, method="structured", dtype=torch.float64)
     err = float((res.double() - ref).abs().max() / ref.abs().max())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({
+    row = {
         "time_s": statistics.median(times), "cpu_s": statistics.median(cpu), "runs": len(times),
         "contraction_s": statistics.median(ctimes) if method.startswith("structured") else None,
         "peak_rss_mib": rss, "max_rel_err_vs_fp64": err,
-    }))
+    }
+    if cuda:
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(row))
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _write(payload: dict) -> None:
+def _write(payload: dict, path: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from torch_crit._io import atomic_write_json
 
-    atomic_write_json(RESULTS, payload)
+    atomic_write_json(path, payload)
+
+
+def _sizes(spec: str) -> list:
+    try:
+        sizes = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(v < 1 for v in sizes):
+        raise SystemExit(f"--n: expected a comma-separated list of positive ints (e.g. 16,32), got {spec!r}")
+    return sizes
 
 
 def main() -> int:
@@ -161,27 +194,45 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="N ∈ {8, 16}, timeout 30 s")
     ap.add_argument("--timeout", type=float, default=None, help="per (method, N) timeout in seconds (default 60)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=str, default=None, help="comma-separated sizes N to run (default 16,32,64,128)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run every method (default cpu)")
+    ap.add_argument("--json", type=Path, default=None, help="output JSON (default benchmarks/results/dntk_speed[_cuda].json)")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.threads, args.timeout or 60.0)
+        worker(args.worker[0], int(args.worker[1]), args.threads, args.timeout or 60.0, args.device)
         return 0
-    sizes = [8, 16] if args.quick else [16, 32, 64, 128]
+    device_desc = "CPU"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(
+                "dntk_speed.py --device cuda: no CUDA device is available here (torch "
+                f"{torch.__version__}, torch.cuda.is_available() is False); run without --device "
+                "or on a machine with a GPU.",
+                file=sys.stderr,
+            )
+            return 2
+        device_desc = f"GPU {torch.cuda.get_device_name(0)}"
+    sizes = _sizes(args.n) if args.n else ([8, 16] if args.quick else [16, 32, 64, 128])
     timeout = args.timeout or (30.0 if args.quick else 60.0)
+    results = (args.json or (RESULTS_CUDA if args.device == "cuda" else RESULTS)).resolve()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     payload = {
         "benchmark": "dntk_speed",
         "model": "tanh MLP 32 -> 256x4 -> 1, float32, λ = 1",
         "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}, load average at start {load:.1f}",
+        "device": device_desc,
         "timeout_s": timeout,
         "rows": [],
     }
-    print(f"# {payload['model']}; {payload['machine']}; per-run timeout {timeout:.0f} s")
+    print(f"# {payload['model']}; {payload['machine']}; device {device_desc}; per-run timeout {timeout:.0f} s")
     print(f"{'N':>5} {'method':>17} {'time [s]':>10} {'CPU [s]':>9} {'contract [s]':>12} {'RSS [MiB]':>10} {'rel err':>9} {'vs recipe':>10} {'CPU vs rec.':>11}")
     for n in sizes:
         recipe_time = None
         for method in METHODS:
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--timeout", str(timeout), "--worker", method, str(n)]
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--timeout", str(timeout), "--device", args.device, "--worker", method, str(n)]
             t0 = time.perf_counter()
             try:  # the worker enforces `timeout` on the timed runs; start-up and warm-up get 300 s more
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 300, cwd=ROOT)
@@ -203,7 +254,7 @@ def main() -> int:
                 row["speedup_vs_recipe"] = recipe_time[0] / row["time_s"]
                 row["cpu_speedup_vs_recipe"] = recipe_time[1] / row["cpu_s"]
             payload["rows"].append(row)
-            _write(payload)
+            _write(payload, results)
             if row["status"] == "ok":
                 ct = f"{row['contraction_s']:.3f}" if row.get("contraction_s") is not None else "-"
                 sp = f"{row['speedup_vs_recipe']:.1f}x" if row.get("speedup_vs_recipe") else "-"
@@ -229,9 +280,9 @@ def main() -> int:
         "C++ kernel >= 1.5x faster than plain-PyTorch contraction": {k: v["ext_over_torch_contraction"] for k, v in summary.items()},
         "only structured finishes N=128 within the timeout": sorted(r["method"] for r in payload["rows"] if r["N"] == 128 and r["status"] == "ok"),
     }
-    _write(payload)
+    _write(payload, results)
     print("\nsummary:", json.dumps(summary, indent=1))
-    print(f"JSON: {RESULTS.relative_to(ROOT)}")
+    print(f"JSON: {results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}")
     print("Note: timed on a shared 2-core machine under load from other jobs; ratios are more reliable than absolute times.")
     return 0
 

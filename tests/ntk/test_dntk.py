@@ -63,12 +63,39 @@ def seq_mlp() -> nn.Module:  # Linear on [N, T, d] inputs: per-example gradients
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten())
 
 
+class SharedFirst(nn.Module):
+    """A Linear applied to the input and again to its own output (shared weights from call 0: the
+    cross terms of the low-rank injection), a bias-free Linear, and a head whose weight is frozen
+    (its bias alone is trained: a bias-only injection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.mid = nn.Linear(3, 4, bias=False)
+        self.head = nn.Linear(4, 2)
+        self.head.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l(x))
+        h = torch.tanh(self.l(h))
+        return self.head(nn.functional.gelu(self.mid(h)))
+
+
+def conv_ln_mlp() -> nn.Module:  # Conv (dense tangents), Linear (low-rank), LayerNorm (generic) in one jvp
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(9, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2),
+    )
+
+
 ZOO = {
     "tanh_mlp": (tanh_mlp, (4, 3)),
     "gelu_mlp": (gelu_mlp, (4, 3)),
     "cnn": (cnn, (2, 1, 4, 4)),
     "residual_ln_shared": (ResidualMLP, (2, 3)),
     "linear_on_sequences": (seq_mlp, (3, 2, 3)),
+    "shared_first_bias_only": (SharedFirst, (3, 3)),
+    "conv_ln_mlp": (conv_ln_mlp, (3, 2, 5)),
 }
 
 
@@ -107,9 +134,25 @@ def test_exact_against_bruteforce(name: str, method: str):
     # diagonal_outputs = the i0 = i1 = i2 entries
     k = ref.shape[-1]
     i = torch.arange(k)
-    diag = empirical_dntk(model, x, learning_rates=lam, method=method, output="diagonal_outputs", block_size=2)
+    # block_size 3: blocks of directions that span two output indices i2 (output-major order)
+    diag = empirical_dntk(model, x, learning_rates=lam, method=method, output="diagonal_outputs", block_size=3)
     assert diag.shape == ref.shape[:3] + (k,)
     assert rel_err(diag, ref[..., i, i, i]) <= 1e-9
+
+
+def test_structured_with_param_groups_against_bruteforce():
+    """λ from torch_crit.param_groups (per-layer λ_b, λ_W/n_{ℓ-1}, (9.94)): the rates enter the
+    low-rank injection (ε, seeds) and the contraction; exact against the reference."""
+    import torch_crit
+
+    model, x, _ = _make("tanh_mlp", seed=4)
+    groups = torch_crit.param_groups(model, 0.7, 1.3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lam = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert len(set(lam.values())) > 2
+    ref = dntk_reference(model, x, lam)
+    got = empirical_dntk(model, x, learning_rates=groups, method="structured", block_size=5)
+    assert rel_err(got, ref) <= 1e-9
 
 
 def test_structured_uses_compiled_kernel_and_matches_torch_backend():

@@ -114,6 +114,102 @@ def test_jvp_through_capture_matches_finite_differences():
         torch.testing.assert_close(dxs[c], (hi[1][c] - lo[1][c]) / (2 * eps), rtol=1e-6, atol=1e-8)
 
 
+class _SharedMiddle(nn.Module):
+    """Linear → (a Linear called twice) → Linear: four captured calls, one module shared."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.s = nn.Linear(4, 4)
+        self.o = nn.Linear(4, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = torch.nn.functional.gelu(self.s(h))
+        h = torch.tanh(self.s(h))
+        return self.o(h)
+
+
+def _autograd_cotangents(net, x, names, probes, seeds, k):
+    """Reference for the seeded capture: plain autograd through forward hooks, one output at a time."""
+    mods = dict(net.named_modules())
+    zs, xs = [], []
+
+    def hook(module, args, output):
+        c = len(zs)
+        out = output + probes[c] if c in probes else output * 1.0
+        zs.append(out)
+        xs.append(args[0])
+        return out
+
+    handles = [mods[n].register_forward_hook(hook) for n in names]
+    try:
+        out = net(x).reshape(x.shape[0], -1)
+    finally:
+        for h in handles:
+            h.remove()
+    cots = [torch.zeros(z.shape[0], k, *z.shape[1:], dtype=x.dtype) for z in zs]
+    for a in range(k):
+        scalar = out[:, a].sum() + sum((seeds[c][a] * xs[c]).sum() for c in seeds)
+        grads = torch.autograd.grad(scalar, zs, retain_graph=True)
+        for c, g in enumerate(grads):
+            cots[c][:, a] = g
+    return out.detach(), [t.detach() for t in xs], cots
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_capture_with_probes_and_seeds_matches_autograd(k: int):
+    """Probe values added to the outputs and cotangent seeds on the inputs: the cotangents are
+    ∂/∂z [f_a + Σ_c ⟨seed_c[a], X_c⟩] (checked against autograd), and jvp through probes and seeds
+    matches central finite differences (the tangent route of the structured dNTK)."""
+    torch.manual_seed(1)
+    net = _SharedMiddle(k).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    names = ["a", "s", "o"]
+    calls = trace_calls(net, x, names)
+    assert [c.module for c in calls] == ["a", "s", "s", "o"]
+    probes = {1: torch.randn(5, 4, dtype=torch.float64), 3: torch.randn(5, k, dtype=torch.float64)}
+    seeds = {c: torch.randn(k, *calls[c].input_shape, dtype=torch.float64) for c in (0, 1, 2, 3)}
+    params = dict(net.named_parameters())
+    out, xs, gs = layer_inputs_and_cotangents(net, params, x, names, calls=calls, probes=probes, seeds=seeds)
+    r_out, r_xs, r_gs = _autograd_cotangents(net, x, names, probes, seeds, k)
+    torch.testing.assert_close(out, r_out, rtol=1e-12, atol=1e-14)
+    for c in range(4):
+        torch.testing.assert_close(xs[c], r_xs[c], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gs[c], r_gs[c], rtol=1e-10, atol=1e-12)
+    # the seeds matter (else the comparison above would not test them)
+    _, _, plain = layer_inputs_and_cotangents(net, params, x, names, calls=calls, probes=probes)
+    assert (plain[1] - gs[1]).abs().max() > 1e-3
+    # jvp through zero probes and seeds against central differences
+    p0 = {c: torch.zeros(calls[c].output_shape, dtype=torch.float64) for c in (0, 1, 3)}
+    s0 = {c: torch.zeros_like(t) for c, t in seeds.items()}
+    tp = {c: torch.randn_like(t) for c, t in p0.items()}
+    ts = {c: torch.randn_like(t) for c, t in s0.items()}
+
+    def f(pr, se):
+        return layer_inputs_and_cotangents(net, params, x, names, calls=calls, probes=pr, seeds=se)[1:]
+
+    _, (dxs, dgs) = torch.func.jvp(f, (p0, s0), (tp, ts))
+    h = 1e-6
+    hi = f({c: h * t for c, t in tp.items()}, {c: h * t for c, t in ts.items()})
+    lo = f({c: -h * t for c, t in tp.items()}, {c: -h * t for c, t in ts.items()})
+    for c in range(4):
+        torch.testing.assert_close(dxs[c], (hi[0][c] - lo[0][c]) / (2 * h), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(dgs[c], (hi[1][c] - lo[1][c]) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_capture_rejects_bad_probes_and_seeds():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    params = dict(net.named_parameters())
+    with pytest.raises(ValueError, match="probe for call 1"):
+        layer_inputs_and_cotangents(net, params, x, ["0", "2"], probes={1: torch.zeros(5, 4)})
+    with pytest.raises(ValueError, match="seed for call 5"):
+        layer_inputs_and_cotangents(net, params, x, ["0", "2"], seeds={5: torch.zeros(2, 5, 4)})
+    with pytest.raises(ValueError, match="k = 2 outputs"):
+        layer_inputs_and_cotangents(net, params, x, ["0", "2"], seeds={1: torch.zeros(3, 5, 4)})
+
+
 def test_capture_rejects_changed_call_pattern():
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     x = torch.randn(4, 3)

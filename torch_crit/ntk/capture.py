@@ -23,7 +23,11 @@ per-example gradients:
 
 Everything is a composition of ``torch.func`` transforms, so the capture itself can be
 differentiated: ``torch.func.jvp`` over :func:`layer_inputs_and_cotangents` gives the
-directional derivatives :math:`\dot X, \dot G` that the dNTK (11.8) needs.
+directional derivatives :math:`\dot X, \dot G` that the dNTK (11.8) needs — along parameter
+tangents, or along tangents of the optional ``probes`` (values added to the layer outputs) and
+``seeds`` (extra cotangents on the layer inputs), which is how the structured dNTK injects the
+rank-one weight tangents of Linear layers without forming them
+(:mod:`torch_crit.ntk.dntk_structured`).
 
 Assumptions (documented, checked where cheap): examples are independent (no batch
 statistics: call the model in eval mode — :func:`torch_crit.empirical_ntk` does); every
@@ -209,6 +213,8 @@ def layer_inputs_and_cotangents(
     buffers: Optional[Mapping[str, torch.Tensor]] = None,
     calls: Optional[Sequence[CallInfo]] = None,
     chunk_size: Optional[int] = None,
+    probes: Optional[Mapping[int, torch.Tensor]] = None,
+    seeds: Optional[Mapping[int, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     r"""Network outputs, and per captured call the module's input and output cotangents.
 
@@ -228,6 +234,24 @@ def layer_inputs_and_cotangents(
     A pure function of ``params`` and ``x``: it composes with ``torch.func`` transforms
     (``jvp`` over it gives :math:`\dot X, \dot G` for the dNTK).
 
+    Two optional inputs generalise the capture so that directional derivatives can be injected
+    without perturbing any weight (the structured dNTK, :mod:`torch_crit.ntk.dntk_structured`):
+
+    * ``probes[c]`` (shape ``[N, *S]`` of call ``c``'s output) is added to :math:`z^{(c)}`
+      (default zero); ``jvp`` with respect to it propagates a tangent :math:`\epsilon^{(c)}`
+      injected at that layer's output through the rest of the forward *and* backward pass;
+    * ``seeds[c]`` (``[k, N, *S_in]``, the shape of call ``c``'s input with the ``k`` outputs
+      first) adds a cotangent on the recorded input :math:`X^{(c)}`: the cotangents become
+
+      .. math::
+          G^{(c')}_{i;a} = \frac{\partial}{\partial z^{(c')}_i}\Big[f_{i;a}
+            + \sum_{c} \big\langle \mathrm{seed}^{(c)}_{a},\, X^{(c)}\big\rangle\Big]
+
+      (the examples are independent, so the sum over the batch in the inner product only pairs
+      example ``i`` with itself). Zero seeds change nothing; ``jvp`` along a seed tangent
+      :math:`s` adds the back-propagation of :math:`s` from :math:`X^{(c)}` to every earlier
+      call's cotangent — the :math:`\dot W^\top g` term of a weight perturbation.
+
     Args:
         model: the network; run with ``functional_call`` (its own tensors are untouched).
             Put it in eval mode first if it has dropout/batch statistics.
@@ -240,6 +264,9 @@ def layer_inputs_and_cotangents(
             pass it to skip one no-grad forward pass).
         chunk_size: forwarded to :func:`torch.func.vmap` over the ``k`` outputs to bound memory
             (``None``: all outputs at once).
+        probes: values added to the outputs of the calls (by call index; missing calls: zero).
+        seeds: extra cotangents ``[k, N, *S_in]`` on the inputs of the calls (by call index;
+            missing calls: none). Both are differentiable inputs (``jvp`` through them).
 
     Returns:
         ``(outputs, inputs, cotangents)``: ``outputs`` ``[N, k]`` (model output flattened);
@@ -248,6 +275,7 @@ def layer_inputs_and_cotangents(
 
     Raises:
         RuntimeError: the forward pass made different calls than ``calls`` describes.
+        ValueError: a probe or seed has the wrong call index or shape.
     """
     mods = _resolve_modules(model, modules)
     tensors = _tensors(model, params, buffers)
@@ -255,19 +283,37 @@ def layer_inputs_and_cotangents(
         calls = trace_calls(model, x, modules, params=params, buffers=buffers)
     n = batch_size(x)
     ref = next(iter(params.values())) if params else next(model.parameters())
-    probes0 = [torch.zeros(c.output_shape, dtype=ref.dtype, device=ref.device) for c in calls]
+    probes = dict(probes or {})
+    seeds = dict(seeds or {})
+    for c, t in probes.items():
+        if not 0 <= c < len(calls) or tuple(t.shape) != tuple(calls[c].output_shape):
+            raise ValueError(
+                f"probe for call {c}: expected a call index in [0, {len(calls)}) and the call's output "
+                f"shape, got shape {tuple(t.shape)}."
+            )
+    for c, t in seeds.items():
+        if not 0 <= c < len(calls) or tuple(t.shape[1:]) != tuple(calls[c].input_shape):
+            raise ValueError(
+                f"seed for call {c}: expected a call index in [0, {len(calls)}) and shape [k, *input shape], "
+                f"got shape {tuple(t.shape)}."
+            )
+    probes0 = [
+        probes[i] if i in probes else torch.zeros(c.output_shape, dtype=ref.dtype, device=ref.device)
+        for i, c in enumerate(calls)
+    ]
+    seeded = sorted(seeds)
 
-    def forward(probes: List[torch.Tensor]):
-        rec = _Recorder(mods, probes)
+    def forward(probe_values: List[torch.Tensor]):
+        rec = _Recorder(mods, probe_values)
         with rec.attached():
             out = call_model(model, tensors, x)
-        if len(rec.names) != len(probes):
+        if len(rec.names) != len(probe_values):
             raise RuntimeError(
-                f"the forward pass made {len(rec.names)} captured calls but {len(probes)} were "
+                f"the forward pass made {len(rec.names)} captured calls but {len(probe_values)} were "
                 f"traced; recompute `calls` with trace_calls on the same inputs."
             )
         out = flatten_output(out, n)
-        return out, (out, rec.inputs)
+        return (out, [rec.inputs[c] for c in seeded]), (out, rec.inputs)
 
     if not calls:
         out = flatten_output(call_model(model, tensors, x), n)
@@ -275,6 +321,14 @@ def layer_inputs_and_cotangents(
     _, vjp_fn, (out, inputs) = torch.func.vjp(forward, probes0, has_aux=True)
     k = out.shape[1]
     basis = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, n, k)
-    (cots,) = torch.func.vmap(vjp_fn, chunk_size=chunk_size)(basis)
-    cotangents = [g.movedim(0, 1) for g in cots]
+    seed_list = [seeds[c] for c in seeded]
+    for c, t in zip(seeded, seed_list):
+        if t.shape[0] != k:
+            raise ValueError(f"seed for call {c}: dimension 0 must be the k = {k} outputs, got {t.shape[0]}.")
+    if k == 1:  # one backward pass: no vmap level (cheaper under outer transforms)
+        (cots,) = vjp_fn((basis[0], [t[0] for t in seed_list]))
+        cotangents = [g.unsqueeze(1) for g in cots]
+    else:
+        (cots,) = torch.func.vmap(lambda b, s: vjp_fn((b, s)), chunk_size=chunk_size)(basis, seed_list)
+        cotangents = [g.movedim(0, 1) for g in cots]
     return out, list(inputs), cotangents

@@ -93,7 +93,8 @@ class _Functional:
 
     def f(self, p: Mapping[str, torch.Tensor], x: ModelInput) -> torch.Tensor:
         """Outputs ``[N, k]`` at parameters ``p`` (the others held at their values)."""
-        return flatten_output(call_model(self.model, {**self.constants, **p}, x))
+        with _SecondOrderSafe():
+            return flatten_output(call_model(self.model, {**self.constants, **p}, x))
 
     def per_sample(self, names: Sequence[str]) -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
         """``p -> J`` with ``J[name]`` ``[N, k, *shape]``: per-sample Jacobians w.r.t. ``names``."""
@@ -264,6 +265,11 @@ class _SecondOrderSafe(TorchFunctionMode):
     the normalized dimensions, and its second derivatives are exact (tested against
     double-backward references). Other normalisations (BatchNorm in eval, GroupNorm, RMSNorm)
     were checked and are not affected.
+
+    Entered around each differentiated model evaluation only (:meth:`_Functional.f` and the
+    structured path's capture), not around the library's own tensor code: an active
+    ``TorchFunctionMode`` costs a Python call per torch function, a large share of the run time
+    of a small structured dNTK.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
@@ -502,8 +508,7 @@ def empirical_dntk(
     _check_options(output, method, block_size, what, backend)
     setup, restore = _prepare(model, x, learning_rates, dtype, what)
     try:
-        with _SecondOrderSafe():
-            return _empirical_dntk(setup, output, method, block_size, backend, what)
+        return _empirical_dntk(setup, output, method, block_size, backend, what)
     finally:
         restore()
 
@@ -603,8 +608,7 @@ def ntk_velocity(
         raise ValueError(f"ntk_velocity: eta must be a finite number, got {eta!r}.")
     setup, restore = _prepare(model, x_probe, learning_rates, dtype, what)
     try:
-        with _SecondOrderSafe():
-            return _ntk_velocity(setup, x_probe, x_train, error, eta, method, dtype, backend, what)
+        return _ntk_velocity(setup, x_probe, x_train, error, eta, method, dtype, backend, what)
     finally:
         restore()
 

@@ -12,28 +12,60 @@ over this layer is
     = \lambda_W\big[(\dot G_0\!\cdot G_1)(X_0\!\cdot X_1) + (G_0\!\cdot G_1)(\dot X_0\!\cdot X_1)\big]
       + \lambda_b\,(\dot G_0\!\cdot G_1),
 
-where the dots are directional derivatives along :math:`u_2 = \Lambda\nabla_\theta z_{i_2;\delta_2}`
-(one vmapped ``torch.func.jvp`` of the capture per block of directions): the derivative of
-:math:`\Phi(G_0, X_0)` is :math:`\Phi(\dot G_0, X_0) + \Phi(G_0, \dot X_0)` by bilinearity, and
-the bias gradient is :math:`G` itself. This is the layer-sum form of the book's forward equation
-(11.24): its first two lines are the :math:`\dot G` term, its last two the :math:`\dot X` term.
+where the dots are directional derivatives along :math:`u_2 = \Lambda\nabla_\theta z_{i_2;\delta_2}`:
+the derivative of :math:`\Phi(G_0, X_0)` is :math:`\Phi(\dot G_0, X_0) + \Phi(G_0, \dot X_0)` by
+bilinearity, and the bias gradient is :math:`G` itself. This is the layer-sum form of the book's
+forward equation (11.24): its first two lines are the :math:`\dot G` term, its last two the
+:math:`\dot X` term.
 
-* ``nn.Linear`` on ``[N, d]`` inputs: the first term through the fused primitive
-  :func:`torch_crit._ops.gram_hadamard_accumulate_` (``A = Ġ₀``, ``B = G₁``,
-  ``C = λ_W X₀X₁ᵀ + λ_b``, ``[B·N, N]``), the second as the Hadamard product of the
-  precomputed cotangent Gram :math:`GG^\top` with :math:`\dot X X^\top` (``k`` times cheaper than
-  a Gram over the units).
+**Directional derivatives by low-rank injection.** For a Linear layer on ``[N, d]`` inputs the
+component of :math:`u_2` on the layer is rank one,
+:math:`\dot W = \lambda_W\, g_{\delta_2 i_2} x_{\delta_2}^\top`, :math:`\dot b = \lambda_b\, g_{\delta_2 i_2}`
+(:math:`g = G`, :math:`x = X` of that layer; a layer called several times sums over its calls).
+Perturbing the weights changes the network in two places only: the layer's output moves by
+:math:`\epsilon_{\delta_0} = \dot W x_{\delta_0} + \dot b = g_{\delta_2 i_2}(\lambda_W\, x_{\delta_2}\!\cdot x_{\delta_0} + \lambda_b)`
+(from the Gram :math:`XX^\top`), and the backward pass through it gains
+:math:`s_{i_0;\delta_0} = \dot W^\top g_{\delta_0 i_0} = \lambda_W\, x_{\delta_2}(g_{\delta_2 i_2}\!\cdot g_{\delta_0 i_0})`
+(from the Gram :math:`GG^\top`). With :math:`F = \sum_i e_i\cdot f` and the probes :math:`p` (zeros
+added to the layer outputs, :math:`G = \nabla_p F`), :math:`\nabla_\theta F\cdot u = \sum_\ell
+\langle G^{(\ell)}, \dot W^{(\ell)} X^{(\ell)} + \dot b^{(\ell)}\rangle`, so
+
+.. math::
+    \dot X^{(\ell)} = D_p X^{(\ell)}[\epsilon], \qquad
+    \dot G^{(\ell)} = \nabla_{p^{(\ell)}}\big(\nabla_\theta F\cdot u\big)
+      = D_p G^{(\ell)}[\epsilon] + \sum_{\ell'} \nabla_{p^{(\ell)}}\big\langle s^{(\ell')}, X^{(\ell')}\big\rangle
+
+exactly (product rule; mixed partials commute). Both come out of one forward-over-reverse pass:
+the capture takes the probes and extra cotangent *seeds* on the recorded inputs as arguments, and
+one ``torch.func.jvp`` with primals (probes = 0, seeds = 0) and tangents (:math:`\epsilon`,
+:math:`s`), vmapped over a block of directions, returns :math:`\dot X, \dot G` — one batched
+forward tangent pass (:math:`W\dot x`) and one backward tangent pass (:math:`W^\top\dot g`), no
+dense :math:`\dot W` and no :math:`[Nk, P]` tangent tensor. The primals do not depend on the
+vmapped tangents, so the primal pass runs once per block, unbatched. The injected
+:math:`\epsilon, s` carry the mixed second derivatives :math:`\partial^2 z/\partial W^{(\ell)}\partial\theta`
+(the :math:`\delta`-terms of (11.24)); propagating them through the network adds the rest.
+
+* ``nn.Linear`` on ``[N, d]`` inputs (*Gram groups*): injection as above; the :math:`\dot G` term
+  through the fused primitive :func:`torch_crit._ops.gram_hadamard_accumulate_` (``A = Ġ₀``,
+  ``B = G₁``, ``C = λ_W X₀X₁ᵀ + λ_b``, ``[B·N, N]``), the :math:`\dot X` term with the
+  precomputed cotangent Gram :math:`GG^\top` as the factor (one more primitive term when one
+  output pair is computed, else a Hadamard product with :math:`\dot X X^\top`, ``k`` times
+  cheaper than a Gram over the units).
 * ``nn.Linear`` on ``[N, ..., d]`` inputs and ``nn.Conv1d/2d/3d`` (``padding_mode="zeros"``):
-  per-example weight gradients :math:`\Phi` (the module's own VJP, vmapped) and their
-  derivatives, one primitive term each.
-* A module called several times (shared weights) sums over its calls (cross terms included);
-  parameters of other modules — or shared between a covered and an uncovered module — go through
-  the exact generic path of :mod:`torch_crit.ntk.dntk` and are added in.
+  dense parameter tangents :math:`u_2` in the same ``jvp``; per-example weight gradients
+  :math:`\Phi` (the module's own VJP, vmapped) and their derivatives, one primitive term each.
+* A module called several times (shared weights) sums over its calls (cross terms included, in
+  :math:`\epsilon`, :math:`s` and the contraction); parameters of other modules — or shared
+  between a covered and an uncovered module — get dense tangents in the same ``jvp`` and their
+  own contraction by the exact generic path of :mod:`torch_crit.ntk.dntk`.
+
+The NTK velocity (:func:`structured_velocity`) has one dense direction (the update step), so it
+keeps the plain ``jvp`` along the parameters.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -211,7 +243,7 @@ def _directions(
             U[g.weight] = (g.lam_w * w).reshape(n * k, *setup.params[g.weight].shape)
         if g.bias:
             U[g.bias] = (g.lam_b * b).reshape(n * k, *setup.params[g.bias].shape)
-    if plan.generic:
+    if wanted & set(plan.generic):
         J = _run_second_order(lambda: setup.per_sample(plan.generic)(setup.params), what)
         for name in plan.generic:
             U[name] = (setup.lam[name] * J[name]).reshape(n * k, *J[name].shape[2:])
@@ -219,11 +251,146 @@ def _directions(
 
 
 def _capture_fn(setup: "_Functional", plan: StructuredPlan) -> Callable[[Dict[str, torch.Tensor]], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    from torch_crit.ntk.dntk import _SecondOrderSafe
+
     def cap(p: Dict[str, torch.Tensor]):
-        _, xs, gs = layer_inputs_and_cotangents(setup.model, {**p, **setup.constants}, setup.x, plan.modules, buffers={}, calls=plan.calls)
+        with _SecondOrderSafe():  # LayerNorm through its composite form (exact second derivatives)
+            _, xs, gs = layer_inputs_and_cotangents(setup.model, {**p, **setup.constants}, setup.x, plan.modules, buffers={}, calls=plan.calls)
         return xs, gs
 
     return cap
+
+
+def _injected_capture_fn(
+    setup: "_Functional", plan: StructuredPlan, dense: Sequence[str]
+) -> Callable[[Dict[str, torch.Tensor], Dict[int, torch.Tensor], Dict[int, torch.Tensor]], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    """``(p_dense, probes, seeds) -> (X, G)``: the capture with the parameters outside ``dense`` held fixed."""
+    from torch_crit.ntk.dntk import _SecondOrderSafe
+
+    fixed = {name: t for name, t in setup.params.items() if name not in set(dense)}
+
+    def cap(p: Dict[str, torch.Tensor], probes: Dict[int, torch.Tensor], seeds: Dict[int, torch.Tensor]):
+        with _SecondOrderSafe():  # LayerNorm through its composite form (exact second derivatives)
+            _, xs, gs = layer_inputs_and_cotangents(
+                setup.model, {**fixed, **p, **setup.constants}, setup.x, plan.modules, buffers={}, calls=plan.calls, probes=probes, seeds=seeds
+            )
+        return xs, gs
+
+    return cap
+
+
+def _injection(
+    plan: StructuredPlan,
+    xs: List[torch.Tensor],
+    gs: List[torch.Tensor],
+    XX: Dict[Tuple[int, int], torch.Tensor],
+    GG: Dict[Tuple[int, int], torch.Tensor],
+    d2: torch.Tensor,
+    i2: torch.Tensor,
+) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+    r"""Probe tangents :math:`\epsilon` ``{c: [B, N, n_out]}`` and seed tangents :math:`s` ``{c: [B, k, N, n_in]}``.
+
+    For the directions :math:`(\delta_2, i_2)` = ``(d2[b], i2[b])`` and every call ``c`` of a Gram
+    group (Linear on ``[N, d]``), the rank-one weight tangent
+    :math:`\dot W = \lambda_W \sum_{c_2} g^{(c_2)}_{\delta_2 i_2} x^{(c_2)\top}_{\delta_2}`,
+    :math:`\dot b = \lambda_b \sum_{c_2} g^{(c_2)}_{\delta_2 i_2}` gives
+
+    .. math::
+        \epsilon^{(c)}_{\delta_0} = \dot W x^{(c)}_{\delta_0} + \dot b
+          = \sum_{c_2} g^{(c_2)}_{\delta_2 i_2}\,(\lambda_W\, x^{(c_2)}_{\delta_2}\!\cdot x^{(c)}_{\delta_0} + \lambda_b),
+        \qquad
+        s^{(c)}_{i_0;\delta_0} = \dot W^\top g^{(c)}_{\delta_0 i_0}
+          = \lambda_W \sum_{c_2} x^{(c_2)}_{\delta_2}\,(g^{(c_2)}_{\delta_2 i_2}\!\cdot g^{(c)}_{\delta_0 i_0}),
+
+    from the primal Grams ``XX[c2, c]`` ``[N, N]`` and ``GG[c2, c]`` ``[N, N, k, k]`` (cost
+    :math:`O(BNn)` and :math:`O(BkNn)`, no dense :math:`\dot W`). The seed of a call whose input
+    cannot depend on any probe (the first captured call) is skipped: it would back-propagate to
+    nothing.
+    """
+    eps: Dict[int, torch.Tensor] = {}
+    seeds: Dict[int, torch.Tensor] = {}
+    for g in plan.groups:
+        if not g.gram:
+            continue
+        for c in g.calls:
+            e: Optional[torch.Tensor] = None
+            s: Optional[torch.Tensor] = None
+            for c2 in g.calls:
+                gd = gs[c2][d2, i2]  # [B, n_out]
+                coef = g.lam_w * XX[c2, c][d2] + g.lam_b if g.weight else torch.full((d2.numel(), 1), g.lam_b, dtype=gd.dtype, device=gd.device)
+                term = coef.unsqueeze(2) * gd.unsqueeze(1)  # [B, N, n_out]
+                e = term if e is None else e.add_(term)
+                if g.weight and c > 0:
+                    cg = GG[c2, c][d2, :, i2, :].transpose(1, 2)  # [B, k(i0), N(δ0)]
+                    term_s = (g.lam_w * cg).unsqueeze(3) * xs[c2][d2][:, None, None, :]  # [B, k, N, n_in]
+                    s = term_s if s is None else s.add_(term_s)
+            if e is not None and e.shape[1] != xs[c].shape[0]:  # bias-only group: one row for every δ0
+                e = e.expand(-1, xs[c].shape[0], -1)
+            eps[c] = e.contiguous()
+            if s is not None:
+                seeds[c] = s
+    return eps, seeds
+
+
+def _contract_block(
+    plan: StructuredPlan,
+    xs: List[torch.Tensor],
+    gs: List[torch.Tensor],
+    dxs: List[torch.Tensor],
+    dgs: List[torch.Tensor],
+    XX: Dict[Tuple[int, int], torch.Tensor],
+    GG: Dict[Tuple[int, int], torch.Tensor],
+    PSI: Dict[int, torch.Tensor],
+    i2: Optional[int],
+    backend: Backend,
+) -> torch.Tensor:
+    r"""``[B, N(δ0), N(δ1), kk(i0), kk(i1)]``: the dNTK (11.8) of the covered groups for one block of directions.
+
+    ``dxs``/``dgs`` are the block's directional derivatives ``[B, N, ...]``/``[B, N, k, ...]``;
+    ``i2`` ``None``: all output pairs (``kk = k``), an int: only ``i0 = i1 = i2`` (``kk = 1``).
+    """
+    n = xs[0].shape[0] if xs else gs[0].shape[0]
+    B = (dgs[0] if dgs else dxs[0]).shape[0]
+    k = gs[0].shape[1]
+    kk = k if i2 is None else 1
+    sel = slice(None) if i2 is None else slice(i2, i2 + 1)
+    dtype, device = gs[0].dtype, gs[0].device
+    tile = torch.zeros(B * n, n, kk, kk, dtype=dtype, device=device)
+    extra: Optional[torch.Tensor] = None
+    A_t: List[torch.Tensor] = []
+    B_t: List[torch.Tensor] = []
+    C_t: List[Optional[torch.Tensor]] = []
+    for gi, g in enumerate(plan.groups):
+        if g.gram:
+            for c in g.calls:
+                dG0 = dgs[c][:, :, sel].reshape(B * n, kk, -1)
+                for c2 in g.calls:
+                    # λ_W (Ġ0·G1)(X0·X1) + λ_b (Ġ0·G1): the fused primitive
+                    A_t.append(dG0)
+                    B_t.append(gs[c2][:, sel].reshape(n, kk, -1))
+                    C_t.append((g.lam_w * XX[c, c2] + g.lam_b).expand(B, n, n).reshape(B * n, n))
+                    if g.weight and kk == 1:  # λ_W (Ẋ0·X1)(G0·G1): one more primitive term
+                        A_t.append(dxs[c].reshape(B * n, 1, -1))
+                        B_t.append(xs[c2].reshape(n, 1, -1))
+                        C_t.append((g.lam_w * GG[c, c2][:, :, sel, sel].reshape(n, n)).expand(B, n, n).reshape(B * n, n))
+                    elif g.weight:  # Hadamard with the precomputed cotangent Gram (k× cheaper than k² GEMMs)
+                        dXX = torch.matmul(dxs[c], xs[c2].T)  # [B, N(δ0), N(δ1)]
+                        gg = GG[c, c2][:, :, sel, sel]
+                        if extra is None:
+                            extra = torch.zeros(B, n, n, kk, kk, dtype=dtype, device=device)
+                        extra.addcmul_(dXX[:, :, :, None, None], gg.unsqueeze(0), value=g.lam_w)
+        else:
+            dpsi = sum(
+                _psi(g, dxs[c].reshape(B * n, *dxs[c].shape[2:]), gs[c].unsqueeze(0).expand(B, *gs[c].shape).reshape(B * n, *gs[c].shape[1:]), scaled=True, bias=False)
+                + _psi(g, xs[c].unsqueeze(0).expand(B, *xs[c].shape).reshape(B * n, *xs[c].shape[1:]), dgs[c].reshape(B * n, *dgs[c].shape[2:]), scaled=True)
+                for c in g.calls
+            )
+            A_t.append(dpsi[:, sel].contiguous())
+            B_t.append(PSI[gi][:, sel].contiguous())
+            C_t.append(None)
+    _accumulate(tile, A_t, B_t, C_t, backend)
+    tile = tile.reshape(B, n, n, kk, kk)
+    return tile if extra is None else tile.add_(extra)
 
 
 # ----------------------------------------------------------------------------- dNTK
@@ -242,10 +409,15 @@ def structured_dntk_into(
     r"""Add the dNTK (11.8) into ``out`` (``[N,N,N,k,k,k]`` or, with ``diagonal``, ``[N,N,N,k]``).
 
     Per block of directions :math:`(\delta_2, i_2)`: :math:`\dot X, \dot G` of every covered call
-    by one vmapped ``jvp`` of the capture; per covered group one fused-primitive term
+    by one vmapped ``jvp`` of the capture — Gram groups through the low-rank injection of
+    :func:`_injection` (probe and seed tangents), the other covered groups and the uncovered
+    parameters through dense parameter tangents :math:`u = \Lambda\nabla z`, all in the same
+    ``jvp``; then per covered group one fused-primitive term
     (:math:`\dot G_0 G_1^\top \odot (\lambda_W X_0X_1^\top + \lambda_b)`) accumulated into the
     block's ``[B·N, N, k, k]`` tile, plus :math:`\lambda_W (G_0G_1^\top) \odot (\dot X_0 X_1^\top)`;
-    uncovered parameters by the generic path. Returns the plan used.
+    uncovered parameters by the generic path. With ``diagonal`` the directions are ordered
+    output-major, so one block may span several :math:`i_2` (one ``jvp``, one contraction per
+    :math:`i_2`). Returns the plan used.
     """
     from torch_crit.ntk.dntk import _auto_block, _blocks, _generic_dntk_into, _run_second_order
 
@@ -257,21 +429,20 @@ def structured_dntk_into(
         )
     n, k = setup.n, setup.k
     params = setup.params
-    cap = _capture_fn(setup, plan)
-    xs, gs = _run_second_order(lambda: cap(params), what)
+    xs, gs = _run_second_order(lambda: _capture_fn(setup, plan)(params), what)
+    # parameters with dense tangents: non-Gram covered groups and the generic ones
+    dense_set = {name for g in plan.groups if not g.gram for name in (g.weight, g.bias) if name} | set(plan.generic)
+    dense = [name for name in params if name in dense_set]
     if plan.generic:
         U_all = _directions(setup, plan, xs, gs, what)
         _generic_dntk_into(setup, out, plan.generic, diagonal=diagonal, block_size=block_size, what=what, directions=U_all)
+        U = {name: U_all[name] for name in dense}
         del U_all
+    else:
+        U = _directions(setup, plan, xs, gs, what, names=dense)
     if not plan.groups:
         return plan
-    # Dense tangents u = Λ∇z[δ2, i2] ([N·k, *shape] per parameter). (A low-rank injection of the
-    # Linear-layer components, Ẇ = λ_W G[δ2,i2] X[δ2]ᵀ, would save the Ẇs and Ẇᵀg products but
-    # makes vmap batch the primal pass too, which costs more than it saves.)
-    U = {name: t.reshape(n, k, *t.shape[1:]) for name, t in _directions(setup, plan, xs, gs, what).items()}
-
-    def along(u: Dict[str, torch.Tensor]):
-        return jvp(cap, (params,), (u,))[1]
+    U = {name: t.reshape(n, k, *t.shape[1:]) for name, t in U.items()}
     # primal, direction-independent pieces: per covered pair of calls X·X and G·G Grams, Ψ for the rest
     XX: Dict[Tuple[int, int], torch.Tensor] = {}
     GG: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -285,65 +456,54 @@ def structured_dntk_into(
                         GG[c, c2] = torch.einsum("pim,qjm->pqij", gs[c], gs[c2])  # [N, N, k, k]
         else:
             PSI[gi] = sum(_psi(g, xs[c], gs[c], scaled=False) for c in g.calls)
-    feat = sum(gs[c][0].numel() + xs[c][0].numel() for g in plan.groups for c in g.calls)
-    itemsize = out.element_size()
-    per_dir = (3 * n * feat + n * n * k * k + sum(p.shape[2] for p in PSI.values()) * n * k) * itemsize
-    bs = block_size or _auto_block(n * k if not diagonal else n, per_dir, setup.device)
+    # the jvp's primals: dense parameters, zero probes/seeds — none depends on the vmapped tangents,
+    # so vmap batches only the tangent computations, never the primal pass
+    p_dense = {name: params[name] for name in dense}
+    gram_calls = [c for g in plan.groups if g.gram for c in g.calls]
+    probes0 = {c: torch.zeros(plan.calls[c].output_shape, dtype=out.dtype, device=out.device) for c in gram_calls}
+    seeds0 = {
+        c: torch.zeros(k, *plan.calls[c].input_shape, dtype=out.dtype, device=out.device)
+        for g in plan.groups if g.gram and g.weight for c in g.calls if c > 0
+    }
+    cap = _injected_capture_fn(setup, plan, dense)
 
+    def along(u: Dict[str, torch.Tensor], e: Dict[int, torch.Tensor], s: Dict[int, torch.Tensor]):
+        return jvp(cap, (p_dense, probes0, seeds0), (u, e, s))[1]
+
+    feat = sum(gs[c][0].numel() + 2 * xs[c][0].numel() for g in plan.groups for c in g.calls)
+    itemsize = out.element_size()
+    per_dir = (4 * n * feat + n * n * k * k + sum(p.shape[2] for p in PSI.values()) * n * k) * itemsize
+    bs = block_size or _auto_block(n * k, per_dir, setup.device)
     view = out.permute(2, 5, 0, 3, 1, 4) if not diagonal else out.permute(2, 3, 0, 1)
-    if not diagonal:
-        schedule = [(None, s, e) for s, e in _blocks(n * k, bs)]
-    else:
-        schedule = [(i2, s, e) for i2 in range(k) for s, e in _blocks(n, bs)]
-    for i2, s, e in schedule:
-        if i2 is None:
-            d_idx = torch.arange(s, e, device=out.device)
-        else:
-            d_idx = torch.arange(s, e, device=out.device) * k + i2
-        if i2 is None:  # directions s..e of the flattened (δ2, i2)
+    for s, e in _blocks(n * k, bs):
+        j = torch.arange(s, e, device=out.device)
+        if not diagonal:  # flattened (δ2, i2), i2 fastest
+            d2, i2 = j // k, j % k
             Ub = {name: t.flatten(0, 1)[s:e] for name, t in U.items()}
-        else:  # δ2 = s..e at fixed i2 (strided view)
-            Ub = {name: t[s:e, i2] for name, t in U.items()}
-        dxs, dgs = _run_second_order(lambda: vmap(along)(Ub), what)  # [B, N, ...], [B, N, k, ...]
-        B = d_idx.numel()
-        kk = k if i2 is None else 1
-        sel = slice(None) if i2 is None else slice(i2, i2 + 1)
-        tile = torch.zeros(B * n, n, kk, kk, dtype=out.dtype, device=out.device)
-        A_t: List[torch.Tensor] = []
-        B_t: List[torch.Tensor] = []
-        C_t: List[Optional[torch.Tensor]] = []
-        extra = torch.zeros(B, n, n, kk, kk, dtype=out.dtype, device=out.device)
-        for gi, g in enumerate(plan.groups):
-            if g.gram:
-                for c in g.calls:
-                    dG0 = dgs[c][:, :, sel].reshape(B * n, kk, -1)
-                    for c2 in g.calls:
-                        G1 = gs[c2][:, sel].reshape(n, kk, -1)
-                        C = (g.lam_w * XX[c, c2] + g.lam_b).expand(B, n, n).reshape(B * n, n)
-                        A_t.append(dG0)
-                        B_t.append(G1)
-                        C_t.append(C)
-                        if g.weight:
-                            dXX = torch.matmul(dxs[c], xs[c2].T)  # [B, N(δ0), N(δ1)]
-                            gg = GG[c, c2][:, :, sel, sel]
-                            extra.addcmul_(dXX[:, :, :, None, None], gg.unsqueeze(0), value=g.lam_w)
-            else:
-                dpsi = sum(
-                    _psi(g, dxs[c].reshape(B * n, *dxs[c].shape[2:]), gs[c].unsqueeze(0).expand(B, *gs[c].shape).reshape(B * n, *gs[c].shape[1:]), scaled=True, bias=False)
-                    + _psi(g, xs[c].unsqueeze(0).expand(B, *xs[c].shape).reshape(B * n, *xs[c].shape[1:]), dgs[c].reshape(B * n, *dgs[c].shape[2:]), scaled=True)
-                    for c in g.calls
-                )
-                A_t.append(dpsi[:, sel].contiguous())
-                B_t.append(PSI[gi][:, sel].contiguous())
-                C_t.append(None)
-        _accumulate(tile, A_t, B_t, C_t, backend)
-        tile = tile.reshape(B, n, n, kk, kk) + extra
-        if i2 is None:
-            blk = d_idx
-            view[blk // k, blk % k] += tile.permute(0, 1, 3, 2, 4)  # [B, δ0, i0, δ1, i1]
+        else:  # output-major (i2, δ2): the rows of one i2 are contiguous
+            d2, i2 = j % n, j // n
+            Ub = {name: t[d2, i2] for name, t in U.items()}
+        Eb, Sb = _injection(plan, xs, gs, XX, GG, d2, i2)
+        dxs, dgs = _run_second_order(lambda: vmap(along)(Ub, Eb, Sb), what)  # [B, N, ...], [B, N, k, ...]
+        del Ub, Eb, Sb
+        if not diagonal:
+            tile = _contract_block(plan, xs, gs, dxs, dgs, XX, GG, PSI, None, backend)
+            view[d2, i2] += tile.permute(0, 1, 3, 2, 4)  # [B, δ0, i0, δ1, i1]
         else:
-            view[d_idx // k, i2] += tile[..., 0, 0]
+            for r0, r1, o in _runs(i2.tolist()):
+                rows = slice(r0, r1)
+                tile = _contract_block(plan, xs, gs, [t[rows] for t in dxs], [t[rows] for t in dgs], XX, GG, PSI, o, backend)
+                view[d2[rows], o] += tile[..., 0, 0]
     return plan
+
+
+def _runs(values: List[int]) -> Iterator[Tuple[int, int, int]]:
+    """``(start, stop, value)`` of the maximal runs of equal consecutive values."""
+    start = 0
+    for r in range(1, len(values) + 1):
+        if r == len(values) or values[r] != values[start]:
+            yield start, r, values[start]
+            start = r
 
 
 # ----------------------------------------------------------------------------- velocity
