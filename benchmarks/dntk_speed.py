@@ -11,7 +11,7 @@ N ∈ {16, 32, 64, 128} inputs. Methods (each (method, N) in its own subprocess,
   pure-PyTorch reference of the primitive.
 * ``structured/ext``   — ``method="structured"`` with the compiled C++ kernel.
 
-Reported per (method, N): wall time and process CPU time (median of up to 3 runs after a warm-up
+Reported per (method, N): wall time and process CPU time (median of up to 7 runs within 10 s after a warm-up
 on N=4; the CPU time is the fairer measure on a machine shared with other jobs), time spent in
 the fused contraction (structured only), peak RSS of the subprocess, and the max relative error
 against the float64 structured result (itself checked to 1e-9 against a brute-force autograd
@@ -136,7 +136,7 @@ def worker(method: str, n: int, threads: int, timeout: float, device: str = "cpu
     res = None
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        while len(times) < 3 and (total < 10.0 or not times):
+        while len(times) < 7 and (total < 10.0 or not times):
             contraction[0] = 0.0
             sync()
             t, c = time.perf_counter(), time.process_time()
