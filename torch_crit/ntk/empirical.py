@@ -526,25 +526,6 @@ def _prepare(
                   call_shapes=call_shapes)
 
 
-def _conv_layout(s: _Setup, xb: ModelInput) -> ModelInput:
-    """A 4-d/5-d image batch whose first captured call is a Conv2d/3d, in channels-last layout.
-
-    Accuracy, not speed: on CPU, oneDNN's float32 convolutions in the default (NCHW) layout
-    lose about three digits in the capture's k-fold backward pass here — on the benchmark CNN
-    (benchmarks/ntk_speed.py, 4 conv layers, 32×32, 10 outputs) the float32 NTK has relative
-    error 2.7e-4 against float64 in NCHW (torch.func's Jacobian contraction shows the same
-    2.7e-4) and 1.9e-7 in channels-last, at the same speed (±10 %, measured). Only the memory
-    layout changes; the model sees the same values.
-    """
-    if not isinstance(xb, torch.Tensor) or xb.device.type != "cpu" or not s.call_shapes:
-        return xb
-    first = s.modules.get(s.call_shapes[0][0])
-    fmt = {4: (nn.Conv2d, torch.channels_last), 5: (nn.Conv3d, torch.channels_last_3d)}.get(xb.dim())
-    if fmt is None or not isinstance(first, fmt[0]) or tuple(s.call_shapes[0][1]) != tuple(xb.shape[1:]):
-        return xb
-    return xb.contiguous(memory_format=fmt[1])
-
-
 def _block_features(s: _Setup, xb: ModelInput) -> Dict[Tuple[str, int], Any]:
     feats: Dict[Tuple[str, int], Any] = {}
     n = batch_size(xb)
@@ -556,7 +537,7 @@ def _block_features(s: _Setup, xb: ModelInput) -> Dict[Tuple[str, int], Any]:
             calls.append(CallInfo(mn, ci, seen.get(mn, 0), (n,) + ish, (n,) + osh, True))
             seen[mn] = seen.get(mn, 0) + 1
         try:
-            _, inputs, cots = layer_inputs_and_cotangents(s.model, s.params, _conv_layout(s, xb), s.struct_modules,
+            _, inputs, cots = layer_inputs_and_cotangents(s.model, s.params, xb, s.struct_modules,
                                                           buffers=s.buffers, calls=calls)
         except RuntimeError as exc:
             if "traced" not in str(exc):
