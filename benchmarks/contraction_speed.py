@@ -3,6 +3,8 @@
     python benchmarks/contraction_speed.py                  # full run (CPU: ~15 min on 2 cores)
     python benchmarks/contraction_speed.py --quick          # small rows only
     python benchmarks/contraction_speed.py --device cuda    # GPU (writes contraction_speed_cuda.json)
+    python benchmarks/contraction_speed.py --rows dntk_N32_k1 dntk_N64_k1 dntk_N128_k1 dntk_N256_k1 dntk_N32_k4
+                                                            # the dNTK's shapes (contraction_speed_dntk.json)
 
 The inputs have the shapes of the structured NTK of an MLP 64 → 512 ×8 → 10 (one term per
 layer: cotangent Gram ⊙ (λ_W·input Gram + λ_b), i.e. A_t = B_t = G_l [N, K, m_l],
@@ -48,6 +50,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "trace_N1024": {"N": 1024, "K": 1, "M": [5120] * 8 + [100], "quick": True},
     "trace_N4096": {"N": 4096, "K": 1, "M": [5120] * 3, "quick": False},
     "full_N1024": {"N": 1024, "K": 10, "M": [512] * 8 + [10], "quick": False},
+    # the structured dNTK's shapes (dntk_structured.py, tanh MLP 32 → 256×4 → k): one row block
+    # per direction (δ2, i2), out [N·k·N, N, k, k], two terms per layer (Ġ·G ⊙ XX, Ẋ·X ⊙ GG)
+    "dntk_N32_k1": {"N": 32, "N1": 32 * 32, "K": 1, "M": [256] * 10, "quick": False, "dntk": True},
+    "dntk_N64_k1": {"N": 64, "N1": 64 * 64, "K": 1, "M": [256] * 10, "quick": False, "dntk": True},
+    "dntk_N128_k1": {"N": 128, "N1": 128 * 128, "K": 1, "M": [256] * 10, "quick": False, "dntk": True},
+    "dntk_N256_k1": {"N": 256, "N1": 256 * 256, "K": 1, "M": [256] * 10, "quick": False, "dntk": True},
+    "dntk_N32_k4": {"N": 32, "N1": 32 * 4 * 32, "K": 4, "M": [256] * 10, "quick": False, "dntk": True},
 }
 METHODS = ["reference", "ext", "ext_sym", "ext_fp64acc"]
 N_PROBE = 4096
@@ -65,16 +74,19 @@ def child(row: str, method: str, device: str, repeats: int, dtype_name: str) -> 
 
     spec = ROWS[row]
     N, K = spec["N"], spec["K"]
+    N1 = spec.get("N1", N)  # dNTK rows: N1 = directions × examples
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device=device).manual_seed(0)
-    A, C = [], []
+    A, B, C = [], [], []
     x = torch.randn(N, 64, generator=gen, device=device, dtype=dtype)
     for t, m in enumerate(spec["M"]):
         # in-place scaling: no transient copies that would raise the setup's peak RSS
-        A.append(torch.randn(N, K, m, generator=gen, device=device, dtype=dtype).div_(m**0.5))
+        A.append(torch.randn(N1, K, m, generator=gen, device=device, dtype=dtype).div_(m**0.5))
+        B.append(A[-1] if N1 == N else torch.randn(N, K, m, generator=gen, device=device, dtype=dtype).div_(m**0.5))
         gram = (x @ x.T).div_(x.shape[1])
-        C.append(gram.add_(0.1) if t % 2 == 0 else gram)
-    out = torch.zeros(N, N, K, K, device=device, dtype=dtype)
+        gram = gram.add_(0.1) if t % 2 == 0 else gram
+        C.append(gram if N1 == N else gram.repeat(N1 // N, 1))
+    out = torch.zeros(N1, N, K, K, device=device, dtype=dtype)
     kwargs: dict[str, Any] = {}
     if method == "reference":
         fn = _ops.gram_hadamard_accumulate_reference_
@@ -95,13 +107,13 @@ def child(row: str, method: str, device: str, repeats: int, dtype_name: str) -> 
     else:
         mem0 = _rss_bytes()
     with torch.no_grad():
-        fn(out, A, A, C, **kwargs)
+        fn(out, A, B, C, **kwargs)
         sync()
         probe = out.flatten()[:: max(1, out.numel() // N_PROBE)][:N_PROBE].double().cpu().tolist()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn(out, A, A, C, **kwargs)
+            fn(out, A, B, C, **kwargs)
             sync()
             times.append(time.perf_counter() - t0)
     if device == "cuda":
@@ -109,7 +121,7 @@ def child(row: str, method: str, device: str, repeats: int, dtype_name: str) -> 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - mem0
     backend = "reference" if method == "reference" else _ops.last_backend()
-    flops = sum(2.0 * (N * K) ** 2 * m for m in spec["M"])
+    flops = sum(2.0 * N1 * N * K * K * m for m in spec["M"])
     return {
         "row": row,
         "method": method,
@@ -164,8 +176,11 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.device, args.repeats, args.dtype)))
         return 0
-    rows = args.rows or [r for r, spec in ROWS.items() if spec["quick"] or not args.quick]
-    name = "contraction_speed" + ("_cuda" if args.device == "cuda" else "")
+    rows = args.rows or [r for r, spec in ROWS.items() if (spec["quick"] or not args.quick) and not spec.get("dntk")]
+    dntk = all(ROWS[r].get("dntk") for r in rows)
+    if any(ROWS[r].get("dntk") for r in rows) and not dntk:
+        ap.error("run the dntk_* rows on their own (--rows dntk_N32_k1 ...): they go to contraction_speed_dntk.json")
+    name = "contraction_speed" + ("_dntk" if dntk else "") + ("_cuda" if args.device == "cuda" else "")
     results: list[dict[str, Any]] = []
     header = (f"| row | N | K | terms | method | backend | min s | median s | GFLOP/s | speed-up vs ref | "
               f"extra peak MB | mem ratio ref/this | out MB | max rel dev |")
@@ -173,6 +188,8 @@ def main() -> int:
     for row in rows:
         per_row: dict[str, dict[str, Any]] = {}
         for method in args.methods:
+            if method == "ext_sym" and ROWS[row].get("N1", ROWS[row]["N"]) != ROWS[row]["N"]:
+                continue  # the dNTK tile is not symmetric
             rec = run_child(row, method, args)
             per_row[method] = rec
             results.append({k: v for k, v in rec.items() if k != "probe"})
@@ -201,7 +218,7 @@ def main() -> int:
             )
         write_results(name, {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "records": results, "table": table})
     print("\n".join(table))
-    print("GFLOP/s counts 2·(N·K)²·M per term (the full Gram; ext_sym does about half of it).")
+    print("GFLOP/s counts 2·N1·N·K²·M per term (N1 = N except dNTK rows; ext_sym does about half of it).")
     print("extra peak MB: CPU = child's peak RSS minus its RSS before the first call; CUDA = peak allocated minus allocated before.")
     errors = [r for r in results if "error" in r]
     if errors:
