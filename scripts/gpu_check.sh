@@ -10,9 +10,9 @@
 #      reachable index or carried wheels); install pytest/ninja/numpy/tqdm only if missing;
 #   2. build torch_crit._C in place with TORCH_CRIT_CUDA=1 for the GPU's own architecture;
 #   3. check that the CUDA kernel is registered, then `pytest -m cuda` (every CUDA twin);
-#   4. benchmarks/contraction_speed.py --device cuda and benchmarks/ntk_speed.py --device cuda.
+#   4. benchmarks/contraction_speed.py, ntk_speed.py and dntk_speed.py with --device cuda.
 # Files in $OUT (at most 8, as the device tool returns): gpu_check.log (everything, incl.
-# nvidia-smi), build.log, pytest_cuda.log, pytest_cuda.xml, steps.txt, and the benchmark JSON.
+# nvidia-smi), build.log, pytest_cuda.log, pytest_cuda.xml, steps.txt, and the benchmark JSONs.
 # The exit status is 0 only if every step passed.
 set -uo pipefail
 set -x
@@ -103,6 +103,8 @@ if [ -f benchmarks/ntk_speed.py ]; then
 else
   echo "SKIP ntk_speed (benchmarks/ntk_speed.py not in this tree)" | tee -a "$OUT/steps.txt"
 fi
+step dntk_speed 120 "$PY" benchmarks/dntk_speed.py --device cuda --n 16,32,64,128 --timeout 30
+cp benchmarks/results/dntk_speed_cuda.json "$OUT/" 2>/dev/null || true
 
 echo "=== total $((SECONDS - START)) s, failed=$FAILED"
 cat "$OUT/steps.txt"
