@@ -25,7 +25,7 @@ Kernel", ICML 2022, §4: the cost of each order depends on where the sum over po
 :func:`choose_contraction` picks the cheaper by a cost model: GEMM FLOPs, scaled up when the
 GEMM's inner dimension is short, plus the memory traffic of temporaries and of the scalar
 Hadamard epilogue (calibrated on this project's 2-core CPU: with 10 outputs a 4×4-position conv
-layer of 32 channels is 4× faster per-sample, one of 128 channels 3× faster by position pairs).
+layer of 32 channels is 1.8× faster per-sample, one of 128 channels 4.6× faster by position pairs).
 A third order — the position Gram contracted with one side's cotangents first — was measured
 and dropped: its ``N₁N₂·P·k·o`` temporary makes it memory-bound, slower than the better of these
 two on every conv layer tried. The terms go to
