@@ -160,6 +160,17 @@ def plan_structured(setup: "_Functional") -> StructuredPlan:
     return StructuredPlan(modules, calls, groups, generic)
 
 
+def _checked_plan(setup: "_Functional", what: str, strict: bool) -> StructuredPlan:
+    """:func:`plan_structured`, refusing (``strict``: method='structured') a model it cannot cover."""
+    plan = plan_structured(setup)
+    if strict and not plan.groups:
+        raise ValueError(
+            f"{what}: method='structured' but the model has no nn.Linear / nn.Conv1d/2d/3d layer "
+            f"with trainable parameters (of its own, batch-first); use method='generic' or 'auto'."
+        )
+    return plan
+
+
 def covers_any(setup: "_Functional") -> bool:
     """Whether the structured path covers at least one trainable parameter of ``setup``."""
     return any(type(m) in _COVERED for m in setup.model.modules())
@@ -421,12 +432,7 @@ def structured_dntk_into(
     """
     from torch_crit.ntk.dntk import _auto_block, _blocks, _generic_dntk_into, _run_second_order
 
-    plan = plan_structured(setup)
-    if strict and not plan.groups:
-        raise ValueError(
-            f"{what}: method='structured' but the model has no nn.Linear / nn.Conv1d/2d/3d layer "
-            f"with trainable parameters (of its own, batch-first); use method='generic' or 'auto'."
-        )
+    plan = _checked_plan(setup, what, strict)
     n, k = setup.n, setup.k
     params = setup.params
     xs, gs = _run_second_order(lambda: _capture_fn(setup, plan)(params), what)
@@ -518,12 +524,7 @@ def structured_velocity(setup: "_Functional", step: Dict[str, torch.Tensor], *, 
     """
     from torch_crit.ntk.dntk import _generic_velocity, _run_second_order
 
-    plan = plan_structured(setup)
-    if strict and not plan.groups:
-        raise ValueError(
-            f"{what}: method='structured' but the model has no nn.Linear / nn.Conv1d/2d/3d layer "
-            f"with trainable parameters (of its own, batch-first); use method='generic' or 'auto'."
-        )
+    plan = _checked_plan(setup, what, strict)
     n, k = setup.n, setup.k
     out = _generic_velocity(setup, step, plan.generic, what)
     if not plan.groups:

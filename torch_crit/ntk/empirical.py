@@ -43,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import sys
 import time
@@ -460,7 +459,7 @@ def _prepare(
     es = torch.empty((), dtype=cdtype).element_size()
     kk = 1 if trace else k * k
     for u in units:
-        choose_contraction(u, n1, n2, k, trace, forced=_FORCED_CONTRACTION)
+        choose_contraction(u, n1, n2, k, trace)
 
     def sizes() -> Tuple[int, int, int]:
         feat = trans = 0
@@ -492,7 +491,7 @@ def _prepare(
     b = mem.block_size
     if b < max(n1, n2):
         for u in units:
-            choose_contraction(u, min(b, n1), min(b, n2), k, trace, forced=_FORCED_CONTRACTION)
+            choose_contraction(u, min(b, n1), min(b, n2), k, trace)
         feat_b, trans_b, pair_b = sizes()
         mem = plan_memory(n1=n1, n2=n2, symmetric=x2 is None, result_bytes=result_bytes,
                           feature_bytes_per_example=feat_b, transient_bytes_per_example=trans_b,
@@ -574,7 +573,6 @@ def _block_features(s: _Setup, xb: ModelInput) -> Dict[Tuple[str, int], Any]:
 
 
 _NO_KERNEL_WARNED: Dict[str, bool] = {}
-_FORCED_CONTRACTION: Optional[str] = None  # tests/benchmarks: force one contraction order
 
 
 def _accumulate(s: _Setup, out: torch.Tensor, terms: List[Tuple[Any, Any, Any]], symmetric: bool) -> None:
@@ -584,8 +582,7 @@ def _accumulate(s: _Setup, out: torch.Tensor, terms: List[Tuple[Any, Any, Any]],
     if s.backend == "torch":
         _ops.gram_hadamard_accumulate_reference_(out, A, B, C, s.accumulate_fp64)
         return
-    has_kernel = getattr(_ops, "has_device_kernel", None)
-    if has_kernel is not None and not has_kernel(out.device):
+    if not _ops.has_device_kernel(out.device):
         if not _NO_KERNEL_WARNED.get(out.device.type):
             _NO_KERNEL_WARNED[out.device.type] = True
             warnings.warn(
@@ -597,15 +594,7 @@ def _accumulate(s: _Setup, out: torch.Tensor, terms: List[Tuple[Any, Any, Any]],
             )
         _ops.gram_hadamard_accumulate_reference_(out, A, B, C, s.accumulate_fp64)
         return
-    fn = _ops.gram_hadamard_accumulate_
-    kw: Dict[str, Any] = {}
-    if symmetric:
-        try:
-            if "symmetric" in inspect.signature(fn).parameters:
-                kw["symmetric"] = True
-        except (TypeError, ValueError):
-            pass
-    fn(out, A, B, C, s.accumulate_fp64, **kw)
+    _ops.gram_hadamard_accumulate_(out, A, B, C, s.accumulate_fp64, symmetric=symmetric)
 
 
 def _tile_terms(s: _Setup, fI: Dict, fJ: Dict) -> Dict[str, List[Tuple[Any, Any, Any]]]:
@@ -669,19 +658,13 @@ def _compute(s: _Setup) -> NTKResult:
             fJ = _block_features(s, slice_batch(xc, c0, c1))
         by_group = _tile_terms(s, fI, fJ)
         diag_tile = symmetric and i == j
-        if s.per_layer:
-            for key in keys:
-                tile = torch.zeros((r1 - r0, c1 - c0, K, K), dtype=s.dtype, device=dev)
-                _accumulate(s, tile, by_group.get(key, []), diag_tile)
-                res[key][r0:r1, c0:c1] = tile
-                if symmetric and j != i:
-                    res[key][c0:c1, r0:r1] = tile.permute(1, 0, 3, 2)
-        else:
+        for key in keys:
+            terms = by_group.get(key, []) if s.per_layer else [t_ for ts in by_group.values() for t_ in ts]
             tile = torch.zeros((r1 - r0, c1 - c0, K, K), dtype=s.dtype, device=dev)
-            _accumulate(s, tile, [t_ for ts in by_group.values() for t_ in ts], diag_tile)
-            res["__total__"][r0:r1, c0:c1] = tile
+            _accumulate(s, tile, terms, diag_tile)
+            res[key][r0:r1, c0:c1] = tile
             if symmetric and j != i:
-                res["__total__"][c0:c1, r0:r1] = tile.permute(1, 0, 3, 2)
+                res[key][c0:c1, r0:r1] = tile.permute(1, 0, 3, 2)
         del by_group
         log(f"tile {t + 1}/{len(tiles)} (rows {r0}:{r1}, cols {c0}:{c1}) {time.perf_counter() - t0:.3f} s")
     shaped = {key: (r[:, :, 0, 0] if s.trace else r) for key, r in res.items()}

@@ -53,8 +53,7 @@ __all__ = [
     "unit_terms",
     "unit_diagonal",
     "choose_contraction",
-    "contraction_flops",
-    "contraction_cost",
+    "contraction_model",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -294,18 +293,10 @@ def _gemm(flops: float, inner: float) -> float:
     return flops * max(1.0, _GEMM_FULL_INNER / max(1.0, inner))
 
 
-def contraction_flops(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, float]:
-    """FLOP count of the two contraction orders for one ``n1 × n2`` tile (forming included)."""
-    return {key: v[0] for key, v in _contraction_model(unit, n1, n2, k, trace).items()}
-
-
-def contraction_cost(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, float]:
-    """Modelled cost (FLOP-equivalents) of the two orders: GEMM FLOPs scaled up when the inner
-    dimension is short, plus the memory traffic of temporaries and epilogues."""
-    return {key: v[1] for key, v in _contraction_model(unit, n1, n2, k, trace).items()}
-
-
-def _contraction_model(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, Tuple[float, float]]:
+def contraction_model(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dict[str, Tuple[float, float]]:
+    """``{order: (FLOPs, modelled cost)}`` of both contraction orders for one ``n1 × n2`` tile
+    (forming included). The cost is in FLOP-equivalents: GEMM FLOPs scaled up when the inner
+    dimension is short, plus the memory traffic of temporaries and of the epilogue."""
     g, c, o, P = unit.groups, unit.c, unit.o, unit.positions
     kk = k if trace else k * k  # output pairs per example pair (trace: k diagonal ones)
     e = _ELEMENT_COST
@@ -321,30 +312,23 @@ def _contraction_model(unit: Unit, n1: int, n2: int, k: int, trace: bool) -> Dic
     return {"position_pair": (pair_f, pair_c), "per_sample": (ps_f, ps_c)}
 
 
-def choose_contraction(unit: Unit, n1: int, n2: int, k: int, trace: bool, *, max_pair_terms: int = 4096,
-                       forced: Optional[str] = None) -> None:
-    """Set ``unit.contraction`` (and ``reason``, ``flops``) by the FLOP model.
+def choose_contraction(unit: Unit, n1: int, n2: int, k: int, trace: bool, *, max_pair_terms: int = 4096) -> None:
+    """Set ``unit.contraction`` (and ``reason``, ``flops``) by :func:`contraction_model`.
 
     A bias-only unit is always ``position_pair`` (its cost does not depend on ``P``²). Pair
-    contraction needs ``g·P²`` primitive terms and is ruled out above ``max_pair_terms``;
-    ``forced`` overrides the choice (tests, benchmarks).
+    contraction needs ``g·P²`` primitive terms and is ruled out above ``max_pair_terms``.
     """
     if unit.weight is None or unit.lam_w == 0.0:
         unit.contraction, unit.reason = "position_pair", "bias only: summed cotangents, one term"
         unit.flops = {"position_pair": 2.0 * n1 * n2 * k * k * unit.groups * unit.o}
         return
-    model = _contraction_model(unit, n1, n2, k, trace)
+    model = contraction_model(unit, n1, n2, k, trace)
     fl = {key: v[0] for key, v in model.items()}
     unit.flops = fl
     nterms = unit.groups * unit.positions ** 2
     allowed = {key: v[1] for key, v in model.items()}
     if nterms > max_pair_terms:
         del allowed["position_pair"]
-    if forced is not None:
-        if forced not in fl:
-            raise ValueError(f"unknown contraction {forced!r}; one of {sorted(fl)}.")
-        unit.contraction, unit.reason = forced, f"{forced} (forced)"
-        return
     best = min(allowed, key=lambda key: (allowed[key], key != "position_pair"))
     unit.contraction = best
     others = ", ".join(f"{key} {v:.3g}" for key, v in sorted(allowed.items()) if key != best) or "the only order allowed"
