@@ -417,15 +417,19 @@ def _f(x: Union[float, torch.Tensor]) -> float:
     return float(x)
 
 
+def _kernel_fields(prefix: str, K: torch.Tensor) -> Record:
+    """``{prefix}/K_diag`` and ``{prefix}/corr_offdiag`` of a kernel matrix (:func:`kernel_summary`)."""
+    d, rho = kernel_summary(K)
+    return {f"{prefix}/K_diag": d, f"{prefix}/corr_offdiag": rho}
+
+
 def _preact_kernel_metric(state: ProbeState) -> Record:
     rec: Record = {}
     for layer in state.layers:
         K = state.preact_kernels.get(layer.label)
         if K is None:
             continue
-        d, rho = kernel_summary(K)
-        rec[f"preact/{layer.label}/K_diag"] = d
-        rec[f"preact/{layer.label}/corr_offdiag"] = rho
+        rec.update(_kernel_fields(f"preact/{layer.label}", K))
         K0 = state.preact_kernels0.get(layer.label)
         if K0 is not None:
             rec[f"preact/{layer.label}/rel_change"] = relative_change(K, K0)
@@ -508,9 +512,7 @@ def _theory_metric(state: ProbeState) -> Record:
         Kth = state.theory_kernels.get(layer.label)
         if Kth is None:
             continue
-        d, rho = kernel_summary(Kth)
-        rec[f"theory/preact/{layer.label}/K_diag"] = d
-        rec[f"theory/preact/{layer.label}/corr_offdiag"] = rho
+        rec.update(_kernel_fields(f"theory/preact/{layer.label}", Kth))
         K = state.preact_kernels.get(layer.label)
         if K is not None:
             rec[f"theory/preact/{layer.label}/rel_error"] = relative_change(K, Kth)

@@ -44,6 +44,16 @@ def _figure(ncols: int = 1) -> Any:
     return fig, axes
 
 
+def _plot_keys(ax: Any, records: list[dict[str, Any]], keys: tuple[tuple[str, str], ...]) -> None:
+    """One marked line per logged scalar ``key`` (labelled ``label``) against the step."""
+    for key, label in keys:
+        xs, ys = _series(records, key)
+        if xs:
+            ax.plot(xs, ys, "-o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in records:
@@ -101,13 +111,8 @@ def plot(log_path: Union[str, "os.PathLike[str]"], out_dir: Optional[Union[str, 
         ax.set_title("NTK change from initialisation")
         ax.legend(fontsize=7)
         if has_align:
-            for key, lab in (("ntk/alignment", "alignment"), ("ntk/alignment_centered", "centred alignment")):
-                ax2x, ax2y = _series(records, key)
-                if ax2x:
-                    axes[1].plot(ax2x, ax2y, "-o", ms=3, label=lab)
-            axes[1].set_xlabel("step")
+            _plot_keys(axes[1], records, (("ntk/alignment", "alignment"), ("ntk/alignment_centered", "centred alignment")))
             axes[1].set_ylabel("kernel–target alignment")
-            axes[1].legend(fontsize=7)
         written.append(atomic_savefig(fig, out / f"{stem}_ntk_change.png", dpi=110))
 
     # 2. per-layer kernel flow over depth and time
@@ -157,12 +162,7 @@ def plot(log_path: Union[str, "os.PathLike[str]"], out_dir: Optional[Union[str, 
         axes[0].set_ylabel("NTK eigenvalue")
         axes[0].legend(fontsize=6, ncol=2)
         if has_rank:
-            for key, lab in (("ntk/effective_rank", "effective rank"), ("ntk/participation_ratio", "participation ratio")):
-                rx, ry = _series(records, key)
-                if rx:
-                    axes[1].plot(rx, ry, "-o", ms=3, label=lab)
-            axes[1].set_xlabel("step")
-            axes[1].legend(fontsize=7)
+            _plot_keys(axes[1], records, (("ntk/effective_rank", "effective rank"), ("ntk/participation_ratio", "participation ratio")))
         fig.suptitle("NTK spectrum on the probe batch")
         written.append(atomic_savefig(fig, out / f"{stem}_eigenvalues.png", dpi=110))
 
