@@ -26,5 +26,8 @@ echo "[setup] installing build tools and $TORCH_SPEC"
 "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 echo "[setup] building torch_crit (C++ extension) with extras [$EXTRAS]"
 MAX_JOBS="${MAX_JOBS:-2}" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
+# torchvision's model definitions for the real-architecture tests; --no-deps keeps our torch (its own pin
+# would replace it). Its compiled ops need not load: tests/_torchvision.py imports the model classes only.
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps "torchvision==0.28.*"
 "$VPY" -c "import torch, torch_crit._C; print('[setup] torch', torch.__version__, '- torch_crit._C built')"
 echo "$inputs" > "$stamp"

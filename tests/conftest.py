@@ -10,6 +10,22 @@ import torch
 def pytest_configure(config):
     # The statistical tests and benchmarks-as-tests assume the two-core CI machine.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # torchvision is installed --no-deps (model definitions only); where its compiled ops do not load
+    # against this torch, importing it would fail, and so would lightning, which imports it when present.
+    _torchvision_import_fix()
+
+
+def _torchvision_import_fix() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _torchvision
+
+    _torchvision.import_models()
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ _LAZY = {
     "resolve_learning_rates": "torch_crit.ntk",
     "KernelFlowMonitor": "torch_crit.monitor",
 }
-_SUBMODULES = {"theory", "ntk", "monitor", "validate", "architecture", "init", "optim", "cli", "distributed"}
+_SUBMODULES = {"theory", "ntk", "monitor", "validate", "architecture", "init", "optim", "cli", "distributed", "errors"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

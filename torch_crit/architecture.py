@@ -43,6 +43,7 @@ Example:
 """
 from __future__ import annotations
 
+from .errors import TracingFallbackWarning, AmbiguousActivationError, ActivationNotFoundError  # noqa: F401  (re-exported)
 import math
 import operator
 import warnings
@@ -70,18 +71,6 @@ __all__ = [
 
 LayerKind = Literal["linear", "conv", "embedding", "norm", "attention", "other"]
 AFFINE_KINDS: frozenset[str] = frozenset({"linear", "conv", "embedding", "attention"})
-
-
-class TracingFallbackWarning(UserWarning):
-    """torch.fx could not trace the model; the plan comes from module order."""
-
-
-class AmbiguousActivationError(ValueError):
-    """Two different activations feed one layer; ``mapping`` must say which one applies."""
-
-
-class ActivationNotFoundError(ValueError):
-    """An operation between two layers could not be identified as an activation."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ Example:
 """
 from __future__ import annotations
 
+from .errors import UntouchedParameterWarning  # noqa: F401  (re-exported)
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -75,10 +76,6 @@ from torch_crit.architecture import (
 )
 
 __all__ = ["InitReport", "LayerInit", "UntouchedParameterWarning", "critical_constants", "init_"]
-
-
-class UntouchedParameterWarning(UserWarning):
-    """``init_`` left some parameters unchanged (listed in the report)."""
 
 
 @dataclass(frozen=True)

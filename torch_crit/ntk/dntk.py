@@ -44,6 +44,7 @@ Example:
 """
 from __future__ import annotations
 
+from ..errors import DNTKMemoryError, SecondDerivativeError  # noqa: F401  (re-exported)
 import copy
 import math
 import os
@@ -64,14 +65,6 @@ __all__ = ["empirical_dntk", "ntk_velocity", "estimate_dntk_memory", "DNTKMemory
 DNTKOutput = Literal["full", "diagonal_outputs"]
 DNTKMethod = Literal["auto", "generic", "structured"]
 Backend = Literal["ext", "torch"]
-
-
-class DNTKMemoryError(MemoryError):
-    """The dNTK result (or one tile of its computation) does not fit in the memory available."""
-
-
-class SecondDerivativeError(RuntimeError):
-    """The model has an operation without the second derivatives the dNTK needs."""
 
 
 # ----------------------------------------------------------------------------- setup

@@ -42,6 +42,7 @@ Example:
 """
 from __future__ import annotations
 
+from ..errors import NonDifferentiableError, ZeroJacobianWarning  # noqa: F401  (re-exported)
 import contextlib
 import math
 import sys
@@ -96,14 +97,6 @@ OUTPUTS = ("full", "trace", "diagonal", "diagonal_trace")
 METHODS = ("auto", "structured", "generic")
 BACKENDS = ("ext", "torch")
 NTKResult = Union[torch.Tensor, Dict[str, torch.Tensor]]
-
-
-class NonDifferentiableError(ValueError):
-    """The model's outputs do not depend differentiably on (some of) its trainable parameters."""
-
-
-class ZeroJacobianWarning(UserWarning):
-    """A trainable parameter has an identically zero Jacobian on the probe examples."""
 
 
 # Ops whose derivative is zero almost everywhere (or that cut the graph).

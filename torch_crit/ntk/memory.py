@@ -10,6 +10,7 @@ anything large.
 """
 from __future__ import annotations
 
+from ..errors import NTKMemoryError  # noqa: F401  (re-exported)
 import math
 import os
 from dataclasses import dataclass
@@ -28,10 +29,6 @@ __all__ = [
     "estimate_ntk_memory",
     "format_bytes",
 ]
-
-
-class NTKMemoryError(MemoryError):
-    """The NTK (or one tile of it) cannot fit in the available memory."""
 
 
 def format_bytes(n: float) -> str:

@@ -31,6 +31,7 @@ Example:
 """
 from __future__ import annotations
 
+from ..errors import NoCriticalPointError  # noqa: F401  (re-exported)
 import enum
 import math
 from dataclasses import dataclass, field
@@ -142,31 +143,6 @@ class CriticalPoint:
             "gamma": self.gamma, "notes": self.notes,
             "alternatives": [a.as_dict() for a in self.alternatives],
         }
-
-
-class NoCriticalPointError(ValueError):
-    """The activation has no critical initialization (§5.3.2).
-
-    Attributes:
-        activation: the activation.
-        reason: why, following the book.
-        nearest: a :class:`CriticalPoint` with ``universality_class = NONE``: the closest usable
-            setting (:math:`C_b = 0` and :math:`\\chi_\\perp(K^\\star) = 1` at its fixed point when
-            that exists, so gradients neither explode nor vanish; the kernel still drifts since
-            :math:`\\chi_\\parallel \\ne 1`).
-        suggestion: a nearby activation that has a critical point.
-    """
-
-    def __init__(self, activation: Activation, reason: str, nearest: CriticalPoint, suggestion: str) -> None:
-        self.activation = activation
-        self.reason = reason
-        self.nearest = nearest
-        self.suggestion = suggestion
-        super().__init__(
-            f"activation {activation.key!r} has no critical point: {reason} Suggestion: {suggestion} "
-            f"(nearest usable setting: C_b={nearest.C_b:.6g}, C_W={nearest.C_W:.6g}; use "
-            "strict=False to accept it)."
-        )
 
 
 # ------------------------------------------------------------------------------ building blocks

@@ -55,6 +55,7 @@ Example:
 """
 from __future__ import annotations
 
+from ..errors import RecursionDivergenceError, RecursionDivergenceWarning  # noqa: F401  (re-exported)
 import itertools
 import math
 import warnings
@@ -93,14 +94,6 @@ _DTYPE = torch.float64
 _ND_BREAKS = (-8.0, -2.5, 0.0, 2.5, 8.0)  # panel edges (standardised units) of the N-D quadrature
 Hyper = float | Sequence[float] | Tensor
 OnDivergence = Literal["raise", "warn"]
-
-
-class RecursionDivergenceError(ArithmeticError):
-    """A layer recursion produced inf/NaN or overflowed; the message names the layer and tensor."""
-
-
-class RecursionDivergenceWarning(RuntimeWarning):
-    """Emitted instead of :class:`RecursionDivergenceError` when ``on_divergence="warn"``."""
 
 
 # ============================================================================ input handling

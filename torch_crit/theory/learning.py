@@ -30,6 +30,7 @@ Example::
 """
 from __future__ import annotations
 
+from ..errors import SingularKernelError, SingularKernelWarning  # noqa: F401  (re-exported)
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -58,14 +59,6 @@ __all__ = [
 _DT = torch.float64
 Steps = Union[int, Sequence[int], Tensor, None]
 Hyper = Union[float, Sequence[float], Tensor]
-
-
-class SingularKernelError(ValueError):
-    """The training block of a kernel is (numerically) singular and no jitter was allowed."""
-
-
-class SingularKernelWarning(RuntimeWarning):
-    """A jitter was added to a numerically singular training block of a kernel."""
 
 
 # --------------------------------------------------------------------------------------
