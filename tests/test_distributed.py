@@ -14,10 +14,11 @@ from torch import nn
 import torch_crit
 from torch_crit import distributed as tcd
 
+from _references import mlp
+
 
 def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    return mlp(depth=3, width=16, d_in=5, d_out=3, dtype=torch.float32, seed=seed)
 
 
 def _inputs() -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from _monitor_refs import mlp, reference_ntk
+from _references import mlp, reference_ntk
 from torch_crit.monitor import JSONLWriter, KernelFlowMonitor
 
 

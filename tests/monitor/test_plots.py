@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from _monitor_refs import mlp, reference_ntk
+from _references import mlp, reference_ntk
 from torch_crit.monitor import CSVWriter, JSONLWriter, KernelFlowCallback, KernelFlowMonitor, plot
 
 PNG = b"\x89PNG\r\n\x1a\n"

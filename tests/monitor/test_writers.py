@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from _monitor_refs import mlp, reference_ntk
+from _references import mlp, reference_ntk
 from torch_crit.monitor import (
     CallbackWriter,
     CSVWriter,

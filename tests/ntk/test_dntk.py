@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_dntk_reference import dntk_reference, jacobian_reference, ntk_reference
+from _references import dntk_reference, jacobian_reference, ntk_reference
 from torch_crit import _ops
 from torch_crit.ntk.dntk import DNTKMemoryError, SecondDerivativeError, empirical_dntk, ntk_velocity
 
@@ -245,13 +245,13 @@ def test_relu_is_the_exact_autograd_answer_away_from_kinks():
 def _sgd_step_ntk_change(model: nn.Module, x_probe, x_train, y, lam, eta: float) -> torch.Tensor:
     """Measured H(t=1) − H(t=0) after one real torch.optim.SGD step on ½Σ(z−y)² with lr_μ = η λ_μ."""
     m = copy.deepcopy(model)
-    h0 = ntk_reference(m, x_probe, lam)
+    h0 = ntk_reference(m, x_probe, lam=lam)
     opt = torch.optim.SGD([{"params": [p], "lr": eta * lam[n]} for n, p in m.named_parameters()], lr=eta)
     loss = 0.5 * ((m(x_train).reshape(len(y), -1) - y) ** 2).sum()
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return ntk_reference(m, x_probe, lam) - h0
+    return ntk_reference(m, x_probe, lam=lam) - h0
 
 
 @pytest.mark.parametrize("method", ["generic", "structured"])

@@ -26,49 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------- reference
 
-
-def reference_jacobian(model: nn.Module, x: Any) -> Dict[str, torch.Tensor]:
-    """``{name: J [N, k, numel]}`` by one autograd.grad per output scalar (eval mode)."""
-    was = model.training
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        out = flatten_output(call_model(model, dict(model.named_parameters()), x))
-        n, k = out.shape
-        rows = {name: torch.zeros(n, k, p.numel(), dtype=out.dtype) for name, p in params.items()}
-        for i in range(n):
-            for a in range(k):
-                gs = torch.autograd.grad(out[i, a], list(params.values()), retain_graph=True, allow_unused=True)
-                for (name, _), g in zip(params.items(), gs):
-                    if g is not None:
-                        rows[name][i, a] = g.reshape(-1)
-    finally:
-        model.train(was)
-    return rows
-
-
-def contract(J1: Dict[str, torch.Tensor], J2: Dict[str, torch.Tensor], lam: Optional[Dict[str, float]] = None,
-             per_layer: bool = False):
-    """Σ_p λ_p J1_p J2_pᵀ as [N1, N2, k, k] (or {module path: contribution})."""
-    parts: Dict[str, torch.Tensor] = {}
-    for name in J1:
-        scale = 1.0 if lam is None else lam.get(name, 0.0)
-        g = name.rsplit(".", 1)[0] if "." in name else name
-        t = torch.einsum("iam,jbm->ijab", J1[name], J2[name]) * scale
-        parts[g] = parts[g] + t if g in parts else t
-    return parts if per_layer else sum(parts.values())
-
-
-def reference_ntk(model: nn.Module, x1: Any, x2: Any = None, lam: Optional[Dict[str, float]] = None,
-                  per_layer: bool = False):
-    """Θ[N1, N2, k, k] = Σ_p λ_p J_p(x1) J_p(x2)ᵀ (or {module path: contribution})."""
-    J1 = reference_jacobian(model, x1)
-    J2 = J1 if x2 is None else reference_jacobian(model, x2)
-    return contract(J1, J2, lam, per_layer)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+from _references import contract, jacobian_per_param as reference_jacobian, ntk_reference as reference_ntk, rel_err  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------- the zoo
@@ -523,6 +481,6 @@ def test_generic_path_falls_back_when_vmap_cannot_batch():
     torch.manual_seed(0)
     net = DataDependent().double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="one example at a time"):
+    with pytest.warns(torch_crit.errors.FallbackPathWarning, match="one item at a time"):
         T = torch_crit.empirical_ntk(net, x)
     assert rel_err(T, reference_ntk(net, x)) <= 1e-10

@@ -60,6 +60,8 @@ from torch_crit.monitor.metrics import (
     resolve_metrics,
 )
 from torch_crit.monitor.writers import as_writers
+from torch_crit.errors import InvalidArgumentError
+from torch_crit.ntk.inputs import check_probe, unwrap_model
 
 __all__ = ["KernelFlowMonitor", "DEFAULT_METRICS", "find_layers"]
 
@@ -150,6 +152,25 @@ def _act_name(act: Any) -> Optional[str]:
     return str(getattr(act, "key", None) or getattr(act, "name", None) or act)
 
 
+
+def _check_probe_runs(model: nn.Module, probe_inputs: torch.Tensor) -> None:
+    """Run the model on one probe input (eval mode, each module's flag restored) so that a wrong
+    probe shape fails here, naming ``probe_inputs``, and not later inside a training step."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(probe_inputs[:1])
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"KernelFlowMonitor: the model cannot be applied to probe_inputs of shape "
+            f"{tuple(probe_inputs.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0]}); pass "
+            f"probe_inputs shaped like a training batch [N, ...]."
+        ) from exc
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
 class KernelFlowMonitor:
     r"""Log the flow of the preactivation kernels and of the NTK during training.
 
@@ -216,8 +237,7 @@ class KernelFlowMonitor:
         ntk_kwargs: Optional[Mapping[str, Any]] = None,
         keep_records: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"KernelFlowMonitor: model must be an nn.Module, got {type(model).__name__}.")
+        model = unwrap_model(model, "KernelFlowMonitor")  # a torch.compile'd model: its _orig_mod
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int (log after every `every`-th step), got {every!r}.")
         if ntk_output not in ("trace", "full"):
@@ -228,6 +248,8 @@ class KernelFlowMonitor:
             raise ValueError(f"probe_inputs must be a batch of at least 2 inputs [N, ...] (kernels need pairs); "
                              f"got shape {tuple(probe_inputs.shape)}.")
         self._check_device_dtype(model, probe_inputs)
+        check_probe(probe_inputs, "KernelFlowMonitor", "probe_inputs")
+        _check_probe_runs(model, probe_inputs)
         self.model = model
         self.probe_inputs = probe_inputs.detach().clone()
         self.probe_targets: Optional[torch.Tensor] = None

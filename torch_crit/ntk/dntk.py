@@ -58,7 +58,8 @@ from torch.func import jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from torch_crit.ntk.memory import available_memory
-from torch_crit.ntk.inputs import ModelInput, batch_size, batched_tensors, call_model, cast_inputs, flatten_output, validate_inputs
+from torch_crit.ntk.generic import vmap_or_loop
+from torch_crit.ntk.inputs import ModelInput, batch_size, batched_tensors, call_model, cast_inputs, flatten_output, validate_inputs, check_probe, unwrap_model
 
 __all__ = ["empirical_dntk", "ntk_velocity", "estimate_dntk_memory", "DNTKMemoryError", "SecondDerivativeError"]
 
@@ -113,7 +114,10 @@ class _Functional:
             def single(pa: Dict[str, torch.Tensor], rows: List[torch.Tensor]) -> torch.Tensor:
                 return self.f({**rest, **pa}, rebuild(rows)).reshape(-1)
 
-            return vmap(jacrev(single), in_dims=(None, 0))({n_: p[n_] for n_ in names}, batched)
+            pa = {n_: p[n_] for n_ in names}
+            return vmap_or_loop(lambda: vmap(jacrev(single), in_dims=(None, 0))(pa, batched),
+                                lambda i: jacrev(single)(pa, [t[i] for t in batched]),
+                                self.n, "the per-sample Jacobians")
 
         return jac
 
@@ -128,21 +132,20 @@ def _prepare(
     """Resolve λ, cast (a copy) if asked, switch to eval mode; returns the setup and a restore callback."""
     from torch_crit.ntk.learning_rates import resolve_learning_rates
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap_model(model, what)
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError(f"{what}: the model has no parameters; the dNTK of a parameter-free model is undefined.")
+    lam_all = resolve_learning_rates(model, learning_rates)  # on the user's model: groups hold its parameters
     if dtype is not None:
         if not dtype.is_floating_point:
             raise TypeError(f"{what}: dtype must be a floating dtype (torch.float32 or torch.float64), got {dtype}.")
         model = copy.deepcopy(model).to(dtype)
         x = cast_inputs(x, dtype)
-    lam_all = resolve_learning_rates(model, learning_rates)
     pdtype = next(iter(model.parameters())).dtype
     device = next(iter(model.parameters())).device
     validate_inputs(x, None, device=device, dtype=pdtype)
-    n = batch_size(x)
+    n = check_probe(x, what)
     params: Dict[str, torch.Tensor] = {}
     lam: Dict[str, float] = {}
     for name, p in model.named_parameters():
@@ -157,11 +160,12 @@ def _prepare(
         )
     constants = {n_: p.detach() for n_, p in model.named_parameters() if n_ not in params}
     constants.update({n_: b for n_, b in model.named_buffers()})
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
 
-    def restore() -> None:
-        model.train(was_training)
+    def restore() -> None:  # each module's own flag (a root .train() would reset every submodule)
+        for m, flag in modes:
+            m.training = flag
 
     try:
         with torch.no_grad():
@@ -384,7 +388,9 @@ def _generic_dntk_into(
     view = out.permute(2, 5, 0, 3, 1, 4) if not diagonal else out.permute(2, 3, 0, 1)
     for s, e in _blocks(nd, bs):
         Ub = {name: t[s:e] for name, t in U.items()}
-        D = _run_second_order(lambda: vmap(along)(Ub), what)  # [B, N, k, *shape]
+        D = _run_second_order(lambda: vmap_or_loop(
+            lambda: vmap(along)(Ub), lambda i: along({nm: t[i] for nm, t in Ub.items()}), e - s,
+            "the directional derivatives"), what)  # [B, N, k, *shape]
         B = e - s
         d_idx = torch.arange(s, e, device=out.device)
         d2, i2 = d_idx // k, d_idx % k

@@ -61,6 +61,8 @@ from torch_crit import _ops
 from torch_crit.ntk.capture import CallInfo, layer_inputs_and_cotangents, module_input
 from torch_crit.ntk.generic import GenericUnit, generic_diagonal, generic_terms, per_sample_jacobians
 from torch_crit.ntk.inputs import (
+    check_probe,
+    unwrap_model,
     ModelInput,
     batch_size,
     call_model,
@@ -374,8 +376,7 @@ def _prepare(
     accumulate_fp64: bool,
     progress: bool,
 ) -> _Setup:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    model = unwrap_model(model, "empirical_ntk")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     if method not in METHODS:
@@ -416,6 +417,9 @@ def _prepare(
         x1 = cast_inputs(x1, dtype)
         x2 = cast_inputs(x2, dtype) if x2 is not None else None
     n1, n2o = validate_inputs(x1, x2, device=device, dtype=cdtype)
+    check_probe(x1, "empirical_ntk", "x1", block_size)
+    if x2 is not None:
+        check_probe(x2, "empirical_ntk", "x2")
     n2 = n1 if n2o is None else n2o
     tensors = {**buffers, **params}
     xs = slice_batch(x1, 0, min(n1, 2))
@@ -480,7 +484,7 @@ def _prepare(
     mem = plan_memory(n1=n1, n2=n2, symmetric=x2 is None, result_bytes=result_bytes,
                       feature_bytes_per_example=feat_b, transient_bytes_per_example=trans_b,
                       pair_bytes=pair_b if not output.startswith("diagonal") else 0,
-                      available_bytes=available_memory(device), block_size=block_size)
+                      output=output, available_bytes=available_memory(device), block_size=block_size)
     b = mem.block_size
     if b < max(n1, n2):
         for u in units:
@@ -489,7 +493,7 @@ def _prepare(
         mem = plan_memory(n1=n1, n2=n2, symmetric=x2 is None, result_bytes=result_bytes,
                           feature_bytes_per_example=feat_b, transient_bytes_per_example=trans_b,
                           pair_bytes=pair_b if not output.startswith("diagonal") else 0,
-                          available_bytes=available_memory(device), block_size=block_size if block_size is not None else b)
+                          output=output, available_bytes=available_memory(device), block_size=block_size if block_size is not None else b)
 
     layers: List[LayerPlan] = []
     for u in units:
@@ -683,6 +687,7 @@ def plan_ntk(
 
     Same arguments as :func:`empirical_ntk`; runs the model on at most two examples.
     """
+    model = unwrap_model(model, "plan_ntk")
     with _eval_mode(model):
         return _prepare(model, x1, x2, output=output, per_layer=per_layer, learning_rates=learning_rates,
                         method=method, block_size=block_size, dtype=dtype, backend=backend,
@@ -755,6 +760,9 @@ def empirical_ntk(
         tuple ``(result, plan)``.
 
     Raises:
+        InvalidArgumentError: ``model`` is not an ``nn.Module``; an empty batch, NaN/Inf inputs
+            or a non-integer ``block_size`` (the message names the argument). A ``torch.compile``d
+            model is probed through its original module ``_orig_mod``.
         ValueError: bad options or inputs (mismatched shapes/dtypes/devices, no trainable
             parameters).
         NonDifferentiableError: the outputs do not depend differentiably on the parameters
@@ -762,6 +770,7 @@ def empirical_ntk(
         NTKMemoryError: the result or one tile cannot fit; the message gives the estimate
             and the fix (``block_size``, ``output="trace"``/``"diagonal"``).
     """
+    model = unwrap_model(model, "empirical_ntk")
     with _eval_mode(model):
         s = _prepare(model, x1, x2, output=output, per_layer=per_layer, learning_rates=learning_rates,
                      method=method, block_size=block_size, dtype=dtype, backend=backend,

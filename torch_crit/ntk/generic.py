@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from torch_crit.ntk.inputs import ModelInput, call_model, flatten_output
+from torch_crit.errors import FallbackPathWarning
+from torch_crit.ntk.inputs import ModelInput, batch_size, call_model, flatten_output, slice_batch
 
 __all__ = ["GenericUnit", "per_sample_jacobians", "generic_terms", "generic_diagonal"]
 
@@ -59,6 +60,30 @@ def _unsqueeze(xi: ModelInput, dims: Any) -> ModelInput:
     if isinstance(xi, Mapping):
         return {k: (v.unsqueeze(0) if dims[k] == 0 else v) for k, v in xi.items()}
     return tuple(e.unsqueeze(0) if dd == 0 else e for e, dd in zip(xi, dims))
+
+
+def vmap_or_loop(batched: Callable[[], Dict[str, torch.Tensor]], single: Callable[[int], Dict[str, torch.Tensor]],
+                 n: int, what: str) -> Dict[str, torch.Tensor]:
+    """``batched()`` (a ``vmap`` over ``n`` items), or, when ``vmap`` cannot batch the model, the
+    same result by a Python loop ``single(i)`` stacked along a new dimension 0 (exact, slower).
+
+    ``vmap`` has no batching rule for some kernels (``nn.LSTM``/``GRU``/``RNN`` on CPU: ``_VF.lstm``
+    breaks the batch dimension; data-dependent control flow); every probe (NTK, dNTK, velocity,
+    monitor) falls back through here, with a :class:`~torch_crit.errors.FallbackPathWarning`.
+    When the loop fails too, its own error (not vmap's) is raised.
+    """
+    try:
+        return batched()
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        warnings.warn(
+            f"vmap could not batch {what} ({first}); computing them one item at a time "
+            f"(exact, slower; {n} passes).",
+            FallbackPathWarning,
+            stacklevel=3,
+        )
+        rows = [single(i) for i in range(n)]
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
 
 def per_sample_jacobians(
@@ -107,25 +132,14 @@ def per_sample_jacobians(
             out = call_model(model, {**rest, **p}, _unsqueeze(xi, dims))
             return flatten_output(out, 1)[0]
 
-        try:
-            jac = torch.func.vmap(torch.func.jacrev(f_single), in_dims=(None, dims), chunk_size=chunk_size)(sel, x)
-        except (RuntimeError, NotImplementedError) as exc:  # no batching rule, data-dependent flow
-            if "vmap" not in str(exc) and "batch" not in str(exc).lower():
-                raise
-            warnings.warn(
-                f"vmap over examples failed ({str(exc).splitlines()[0][:160]}); computing the "
-                f"Jacobians one example at a time (exact, slower).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            from torch_crit.ntk.inputs import batch_size, slice_batch
+        def batched() -> Dict[str, torch.Tensor]:
+            return torch.func.vmap(torch.func.jacrev(f_single), in_dims=(None, dims), chunk_size=chunk_size)(sel, x)
 
-            rows = []
-            for i in range(batch_size(x)):
-                xi = slice_batch(x, i, i + 1)
-                ji = torch.func.jacrev(lambda p: flatten_output(call_model(model, {**rest, **p}, xi), 1)[0])(sel)
-                rows.append({kk: v.unsqueeze(0) for kk, v in ji.items()})
-            jac = {kk: torch.cat([r[kk] for r in rows]) for kk in sel}
+        def single(i: int) -> Dict[str, torch.Tensor]:
+            xi = slice_batch(x, i, i + 1)
+            return torch.func.jacrev(lambda p: flatten_output(call_model(model, {**rest, **p}, xi), 1)[0])(sel)
+
+        jac = vmap_or_loop(batched, single, batch_size(x), "the per-example Jacobians")
         n, k = next(iter(jac.values())).shape[:2]
         pieces.extend(jac[nme].reshape(n, k, -1) for nme in chunk)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)

@@ -20,6 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from torch_crit.errors import InvalidArgumentError
+
 __all__ = [
     "ModelInput",
     "batch_size",
@@ -29,6 +31,8 @@ __all__ = [
     "call_model",
     "flatten_output",
     "validate_inputs",
+    "unwrap_model",
+    "check_probe",
 ]
 
 ModelInput = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
@@ -203,3 +207,50 @@ def validate_inputs(
                 f"the model's device {device}."
             )
     return n1, n2
+
+
+def unwrap_model(model: Any, what: str) -> nn.Module:
+    """The module to probe: ``model`` itself, or the original of a ``torch.compile``d one.
+
+    A compiled model (``OptimizedModule``) keeps its parameters in ``model._orig_mod``; the probes
+    differentiate that module (same parameters, same function) in eager mode.
+
+    Raises:
+        InvalidArgumentError: ``model`` is not an ``nn.Module`` (e.g. a plain function).
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, nn.Module) and isinstance(inner, nn.Module):
+        return inner
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"{what}: model must be a torch.nn.Module, got {type(model).__name__}; wrap a plain "
+            f"function in an nn.Module that holds its parameters as nn.Parameter attributes."
+        )
+    return model
+
+
+def check_probe(x: ModelInput, what: str, arg: str = "x", block_size: Any = None) -> int:
+    """Checks shared by every probe: ``N ≥ 1``, finite floating inputs, a positive int ``block_size``.
+
+    Returns:
+        ``N``, the number of examples.
+
+    Raises:
+        InvalidArgumentError: naming ``arg`` (empty batch, NaN/Inf entries) or ``block_size``.
+    """
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise InvalidArgumentError(
+            f"{what}: block_size must be a positive integer or None (to choose from memory), got {block_size!r}."
+        )
+    n = batch_size(x)
+    if n == 0:
+        raise InvalidArgumentError(f"{what}: {arg} holds no examples (batch dimension 0 has size 0); pass N >= 1 examples.")
+    for t in batched_tensors(x):
+        if t.is_floating_point() or t.is_complex():
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise InvalidArgumentError(
+                    f"{what}: {arg} has {bad} NaN/Inf entries ({_describe(t)}); the kernel would be "
+                    f"non-finite. Clean or mask the inputs first."
+                )
+    return n

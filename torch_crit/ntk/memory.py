@@ -101,6 +101,17 @@ class MemoryEstimate:
         )
 
 
+def _smaller_outputs(output: str) -> str:
+    """Advice naming the outputs smaller than ``output`` ("" when it is already the smallest)."""
+    if output == "full":
+        return "output='trace' (k² times smaller) or output='diagonal', "
+    if output == "diagonal_outputs":
+        return "output='trace' or output='diagonal', "
+    if output == "trace":
+        return "output='diagonal' (only Θ(x_i, x_i)), "
+    return ""
+
+
 def _workspace(b1: int, b2: int, feat: int, trans: int, pair: int) -> int:
     return (b1 + b2) * feat + max(b1, b2) * trans + b1 * b2 * pair
 
@@ -117,6 +128,7 @@ def plan_memory(
     available_bytes: int,
     block_size: Optional[int] = None,
     fraction: float = 0.8,
+    output: str = "full",
 ) -> MemoryEstimate:
     """Choose the block size (or check the given one) so that result + workspace fit.
 
@@ -128,6 +140,7 @@ def plan_memory(
             per-pair costs (see :class:`MemoryEstimate`).
         available_bytes: what the device has free.
         block_size: requested block size, or ``None`` to choose.
+        output: the requested output (the advice only suggests smaller outputs than this one).
         fraction: share of the available memory the call may use.
 
     Raises:
@@ -135,12 +148,12 @@ def plan_memory(
             size, does not fit; the message gives the estimate and the fix.
     """
     budget = int(available_bytes * fraction)
+    smaller = _smaller_outputs(output)
     if result_bytes > budget:
         raise NTKMemoryError(
             f"the NTK result alone needs {format_bytes(result_bytes)} ({result_bytes} bytes) but "
             f"only {format_bytes(budget)} of {format_bytes(available_bytes)} available may be used. "
-            f"Tiling cannot shrink the result: use output='trace' (k² times smaller) or "
-            f"output='diagonal', fewer inputs, or per_layer=False."
+            f"Tiling cannot shrink the result: use {smaller}fewer inputs, or per_layer=False."
         )
     room = budget - result_bytes
     nmax = max(n1, n2)
@@ -157,7 +170,7 @@ def plan_memory(
                 f"one {b}×{b} tile needs about {format_bytes(ws)} ({ws} bytes) of workspace next to "
                 f"the {format_bytes(result_bytes)} result, but only {format_bytes(room)} is left of "
                 f"{format_bytes(available_bytes)} available. Use block_size={fit} or less (or "
-                f"block_size=None to choose), or output='trace'/'diagonal'."
+                f"block_size=None to choose){', or ' + smaller.rstrip(', ') if smaller else ''}."
             )
     else:
         b = nmax
@@ -169,7 +182,7 @@ def plan_memory(
                 f"even a 1×1 tile needs about {format_bytes(ws)} ({ws} bytes) of workspace (one "
                 f"example's features and Jacobians) but only {format_bytes(room)} is left of "
                 f"{format_bytes(available_bytes)} available next to the result. Use "
-                f"output='trace' (fewer cotangents kept), a smaller model, or free memory."
+                f"{smaller}a smaller model, or free memory."
             )
     nb1 = math.ceil(n1 / b)
     nb2 = nb1 if symmetric else math.ceil(n2 / b)
