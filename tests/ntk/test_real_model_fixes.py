@@ -82,3 +82,20 @@ def test_monitor_rejects_a_wrong_probe_shape_at_construction():
     model = small_mlp().double()
     with pytest.raises(InvalidArgumentError, match="probe_inputs"):
         torch_crit.KernelFlowMonitor(model, torch.randn(4, 7, dtype=torch.float64), every=1)
+
+
+def test_dntk_of_a_transformer_layer_runs_on_the_math_attention_backend():
+    """nn.TransformerEncoderLayer calls scaled_dot_product_attention, whose fused CPU kernel has no
+    forward-mode derivative; the second-order passes run under the math backend, exactly."""
+    from _references import dntk_reference
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=4, nhead=1, dim_feedforward=4, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8, 1)).double()
+    x = torch.randn(2, 2, 4, dtype=torch.float64)
+    got = torch_crit.empirical_dntk(model, x)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the reference's double backward needs it too
+        ref = dntk_reference(model, x)
+    assert rel_err(got.reshape(ref.shape), ref) < 1e-9

@@ -323,8 +323,13 @@ def _second_order_error(exc: BaseException, what: str) -> SecondDerivativeError:
 
 
 def _run_second_order(fn: Callable[[], Any], what: str) -> Any:
+    """Run a second-order pass; attention runs on the math SDPA backend (the fused CPU/flash
+    kernels have no forward-mode derivative), which computes the same function."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        return fn()
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn()
     except (RuntimeError, NotImplementedError) as exc:
         msg = str(exc).lower()
         if any(h in msg for h in _SECOND_ORDER_HINTS):
