@@ -126,16 +126,16 @@ def test_model_output_checks():
     with pytest.raises(ValueError, match="no batch dimension 0"):
         torch_crit.empirical_ntk(Scalar(), torch.randn(4, 3))
 
-    class Dict(nn.Module):
+    class NotTensors(nn.Module):  # dicts of tensors are accepted (test_real_model_fixes.py); this is not
         def __init__(self):
             super().__init__()
             self.l = nn.Linear(3, 1)
 
         def forward(self, x):
-            return {"y": self.l(x)}
+            return {"y": self.l(x), "n": 3}
 
     with pytest.raises(TypeError, match="must return a tensor"):
-        torch_crit.empirical_ntk(Dict(), torch.randn(4, 3))
+        torch_crit.empirical_ntk(NotTensors(), torch.randn(4, 3))
 
 
 def test_result_larger_than_memory(monkeypatch):

@@ -99,3 +99,26 @@ def test_dntk_of_a_transformer_layer_runs_on_the_math_attention_backend():
     with sdpa_kernel(SDPBackend.MATH):  # the reference's double backward needs it too
         ref = dntk_reference(model, x)
     assert rel_err(got.reshape(ref.shape), ref) < 1e-9
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
+        self.a, self.b = nn.Linear(5, 2), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": self.a(h), "value": self.b(h)} if self.as_dict else (self.a(h), self.b(h))
+
+
+@pytest.mark.parametrize("method", ["auto", "generic", "structured"])
+def test_dict_outputs_flatten_like_tuples_in_key_order(method):
+    torch.manual_seed(0)
+    tup = _TwoHeads(as_dict=False).double()
+    dic = _TwoHeads(as_dict=True).double()
+    dic.load_state_dict(tup.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    got = torch_crit.empirical_ntk(dic, x, output="full", method=method)
+    assert rel_err(got, ntk_reference(tup, x)) < 1e-10

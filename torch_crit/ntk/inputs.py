@@ -112,8 +112,12 @@ def call_model(model: nn.Module, tensors: Dict[str, torch.Tensor], x: ModelInput
 def flatten_output(out: Any, n: Optional[int] = None) -> torch.Tensor:
     """Model output as ``[N, k]``: a tensor ``[N, ...]`` flattened, tuples concatenated.
 
+    A dict of tensors is flattened like a tuple of its values in the dict's own key order
+    (insertion order), so output index ``i`` of the NTK runs over the first value's entries first.
+
     Args:
-        out: the model output (tensor, or tuple/list of tensors with batch dimension 0).
+        out: the model output (tensor, tuple/list of tensors, or dict of tensors, each with batch
+            dimension 0).
         n: the expected batch size, checked when given.
 
     Raises:
@@ -124,9 +128,11 @@ def flatten_output(out: Any, n: Optional[int] = None) -> torch.Tensor:
         parts = [out]
     elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
         parts = list(out)
+    elif isinstance(out, dict) and out and all(isinstance(o, torch.Tensor) for o in out.values()):
+        parts = list(out.values())
     else:
         raise TypeError(
-            f"the model must return a tensor [N, ...] or a tuple/list of such tensors; got "
+            f"the model must return a tensor [N, ...], or a tuple/list/dict of such tensors; got "
             f"{type(out).__name__}. Wrap the model so that it returns the outputs to differentiate."
         )
     flat = []
