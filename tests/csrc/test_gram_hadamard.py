@@ -199,8 +199,22 @@ def test_symmetric_equals_full_for_symmetric_inputs(device: str) -> None:
 
 
 def test_thread_counts_agree() -> None:
-    """The serial (BLAS-threaded) and the tile-parallel CPU paths give the same numbers."""
-    sample = next(smp for smp in sample_inputs("cpu", torch.float64) if smp.name == "many_tiles")
+    """The serial (BLAS-threaded) and the tile-parallel CPU paths give the same numbers.
+
+    The sample must exceed the kernel's parallel threshold (``kMinParallelWork`` = 3.2e7
+    multiply-adds in ``csrc/cpu/gram_hadamard.cpp``) and have at least 2 x threads tile pairs
+    (tiles of >= 64 rows), or both runs take the serial path and compare it with itself.
+    """
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    n, k, m = 256, 2, 128
+    sample = Sample("above_parallel_threshold", r(n, n, k, k), [r(n, k, m), r(n, k, m)],
+                    [r(n, k, m), r(n, k, m)], [r(n, n), r(n, n, k, k)])
+    work = sum(n * n * k * k * a.shape[-1] for a in sample.A)
+    assert work > 3.2e7 and (n * k // 64) ** 2 >= 4
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -210,6 +224,8 @@ def test_thread_counts_agree() -> None:
     finally:
         torch.set_num_threads(before)
     assert float((one - two).abs().max() / one.abs().max()) < 1e-13
+    ref = run(sample, reference=True)  # and both are right
+    assert float((two - ref).abs().max() / ref.abs().max()) < 1e-12
 
 
 # opcheck's test_aot_dispatch_dynamic costs ~10 s per sample on the CI machine; AOTAutograd with
