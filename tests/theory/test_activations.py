@@ -96,9 +96,13 @@ def test_user_callable_numpy_finite_differences() -> None:
 
 
 def test_parameter_free_module_used_as_callable() -> None:
-    act = get_activation(nn.Mish())
-    assert act.name == "custom:Mish"
-    torch.testing.assert_close(act.sigma(Z), F.mish(Z))
+    class Cube(nn.Module):
+        def forward(self, z):
+            return z * z * z
+
+    act = get_activation(Cube())
+    assert act.name == "custom:Cube"
+    torch.testing.assert_close(act.sigma(Z), Z**3)
 
 
 def test_parse_spec_and_key_stable() -> None:
@@ -128,8 +132,12 @@ def test_bad_inputs() -> None:
         get_activation("tanh", a=1.0)
     with pytest.raises(ValueError, match="integer power"):
         get_activation("monomial", p=0)
+    prelu = nn.PReLU(num_parameters=3)
+    assert get_activation(prelu).key == "leaky_relu(a=0.25)"  # equal slopes: one activation
+    with torch.no_grad():
+        prelu.weight[1] = 0.5
     with pytest.raises(ValueError, match="one slope"):
-        get_activation(nn.PReLU(num_parameters=3))
+        get_activation(prelu)
     with pytest.raises(TypeError, match="has parameters"):
         get_activation(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="elementwise"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch_crit.theory.criticality import saturated_fraction
 from torch_crit.theory import (
     CriticalPoint,
     NoCriticalPointError,
@@ -108,10 +109,13 @@ def test_no_critical_point_cases() -> None:
     assert "tanh" in err.suggestion
     near = err.nearest
     assert near.universality_class is UniversalityClass.NONE and not near.is_critical
-    assert near.C_b == 0.0 and near.chi_perp == 1.0
-    # the nearest setting really has chi_perp = 1 at its own fixed point
+    # chi_perp = 1 would put the fixed point at K* = 45.6 (38 % of units saturated); the nearest
+    # setting keeps the forward signal O(1) instead: a fixed point at K* = 1, with its chi_perp stated
+    assert near.C_b == 0.0 and near.K_star == 1.0
     assert near.C_W * float(g_function("sigmoid", near.K_star)) == pytest.approx(near.K_star, rel=1e-10)
-    assert float(chi_perp("sigmoid", near.K_star, near.C_W)) == pytest.approx(1.0, rel=1e-10)
+    assert float(chi_perp("sigmoid", near.K_star, near.C_W)) == pytest.approx(near.chi_perp, rel=1e-10)
+    assert 0.1 < near.chi_perp < 0.2 and "saturated" in near.notes
+    assert saturated_fraction("sigmoid", 45.62) > 0.3 and saturated_fraction("sigmoid", 1.0) < 0.01
     with pytest.raises(NoCriticalPointError):
         critical_point("softplus")
     for p in (2, 3, 4):

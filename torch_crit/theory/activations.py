@@ -42,6 +42,8 @@ __all__ = [
     "get_activation",
     "available_activations",
     "parse_activation_spec",
+    "activation_from_call",
+    "activation_from_module",
 ]
 
 # Closed-form pair expectations: (order1, order2) -> f(K11, K12, K22) = <s^(o1)(z1) s^(o2)(z2)>.
@@ -118,11 +120,16 @@ class Activation:
         kinks: points where :math:`\sigma` or one of its first three derivatives jumps.
         odd: whether :math:`\sigma(-z) = -\sigma(z)`.
         derivative_source: ``"closed-form"``, ``"autograd"`` or ``"finite-difference"``.
+        local_slopes: :math:`(a_+, a_-)` of a function that is piecewise linear only on
+            :math:`|z| <` ``local_radius`` (ReLU6, Hardtanh): scale-invariant for small kernels
+            :math:`K \ll` ``local_radius``:math:`^2`, saturating beyond (see ``docs/activations.md``).
+        local_radius: the half-width of that linear window.
+        note: a caveat reported with the activation (e.g. RReLU read in eval mode).
     """
 
     __slots__ = (
         "name", "_params", "_fn", "_derivs", "taylor", "slopes", "kinks", "odd",
-        "_pair_forms", "derivative_source", "_identity",
+        "_pair_forms", "derivative_source", "_identity", "local_slopes", "local_radius", "note",
     )
 
     def __init__(
@@ -139,6 +146,9 @@ class Activation:
         pair_forms: PairForms | None = None,
         derivative_source: str = "closed-form",
         identity: object = None,
+        local_slopes: tuple[float, float] | None = None,
+        local_radius: float | None = None,
+        note: str = "",
     ) -> None:
         set_ = object.__setattr__
         set_(self, "name", str(name))
@@ -152,6 +162,9 @@ class Activation:
         set_(self, "_pair_forms", MappingProxyType(dict(pair_forms or {})))
         set_(self, "derivative_source", derivative_source)
         set_(self, "_identity", identity)
+        set_(self, "local_slopes", None if local_slopes is None else (float(local_slopes[0]), float(local_slopes[1])))
+        set_(self, "local_radius", None if local_radius is None else float(local_radius))
+        set_(self, "note", str(note))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Activation is immutable (tried to set {name!r})")
@@ -579,6 +592,191 @@ def _make_monomial(p: float = 2, **extra: float) -> Activation:
                       taylor=taylor, odd=n % 2 == 1)
 
 
+# ----------------------------------------------------------------- kinked / bounded forms
+# The theory never calls a user's module: each form below is an out-of-place float64 closed form
+# with its kinks registered (the quadrature splits there) and hand-written derivatives (torch has
+# no double backward for hardsigmoid/hardswish). See docs/activations.md for the table.
+def _const(v: float) -> Callable[[Tensor], Tensor]:
+    return lambda z: torch.full_like(z, float(v))
+
+
+def _hardtanh_like(name: str, params: Mapping[str, float], lo: float, hi: float) -> Activation:
+    lo, hi = float(lo), float(hi)
+    if not lo < hi:
+        raise ValueError(f"{name} needs min_val < max_val, got min_val={lo}, max_val={hi}")
+
+    def d1(z: Tensor) -> Tensor:
+        return ((z > lo) & (z < hi)).to(z.dtype)
+
+    local = radius = taylor = None
+    if lo < 0 < hi:  # linear near 0
+        local, radius, taylor = (1.0, 1.0), min(-lo, hi), (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+    elif lo == 0 < hi:  # ReLU near 0
+        local, radius = (1.0, 0.0), hi
+    elif lo < 0 == hi:
+        local, radius = (0.0, 1.0), -lo
+    else:  # constant near 0
+        taylor = (min(max(0.0, lo), hi), 0.0, 0.0, 0.0, 0.0, 0.0)
+    return Activation(name, params, lambda z: torch.clamp(z, lo, hi), derivatives=(d1, torch.zeros_like, torch.zeros_like),
+                      taylor=taylor, kinks=(lo, hi), odd=lo == -hi, local_slopes=local, local_radius=radius)
+
+
+def _make_hardtanh(min_val: float = -1.0, max_val: float = 1.0, **p: float) -> Activation:
+    _no_params("hardtanh", p, accepted="min_val, max_val")
+    if (float(min_val), float(max_val)) == (0.0, 6.0):
+        return _make_relu6()
+    return _hardtanh_like("hardtanh", {"min_val": min_val, "max_val": max_val}, min_val, max_val)
+
+
+def _make_relu6(**p: float) -> Activation:
+    _no_params("relu6", p)
+    return _hardtanh_like("relu6", {}, 0.0, 6.0)
+
+
+def _make_hardsigmoid(**p: float) -> Activation:
+    _no_params("hardsigmoid", p)
+
+    def d1(z: Tensor) -> Tensor:
+        return ((z > -3) & (z < 3)).to(z.dtype) / 6
+
+    return Activation("hardsigmoid", {}, lambda z: torch.clamp(z / 6 + 0.5, 0.0, 1.0),
+                      derivatives=(d1, torch.zeros_like, torch.zeros_like),
+                      taylor=(0.5, 1 / 6, 0.0, 0.0, 0.0, 0.0), kinks=(-3.0, 3.0))
+
+
+def _make_hardswish(**p: float) -> Activation:
+    _no_params("hardswish", p)
+
+    def fn(z: Tensor) -> Tensor:
+        return z * torch.clamp(z + 3, 0.0, 6.0) / 6
+
+    def d1(z: Tensor) -> Tensor:
+        return torch.where(z <= -3, torch.zeros_like(z), torch.where(z >= 3, torch.ones_like(z), (2 * z + 3) / 6))
+
+    def d2(z: Tensor) -> Tensor:
+        return ((z > -3) & (z < 3)).to(z.dtype) / 3
+
+    return Activation("hardswish", {}, fn, derivatives=(d1, d2, torch.zeros_like),
+                      taylor=(0.0, 0.5, 1 / 3, 0.0, 0.0, 0.0), kinks=(-3.0, 3.0))
+
+
+def _make_mish(**p: float) -> Activation:
+    _no_params("mish", p)
+
+    def fn(z: Tensor) -> Tensor:
+        return z * torch.tanh(F.softplus(z))
+
+    return Activation("mish", {}, fn, taylor=_taylor_by_autograd(fn, "autograd"), derivative_source="autograd")
+
+
+def _make_celu(alpha: float = 1.0, **p: float) -> Activation:
+    _no_params("celu", p, accepted="alpha")
+    a = float(alpha)
+    if not a > 0:
+        raise ValueError(f"celu needs alpha > 0, got alpha={alpha!r}")
+
+    def e(z: Tensor) -> Tensor:
+        return torch.exp(torch.clamp(z, max=0.0) / a)
+
+    def fn(z: Tensor) -> Tensor:
+        return torch.where(z > 0, z, a * torch.expm1(torch.clamp(z, max=0.0) / a))
+
+    return Activation("celu", {"alpha": a}, fn, kinks=(0.0,), derivatives=(
+        lambda z: torch.where(z > 0, torch.ones_like(z), e(z)),
+        lambda z: torch.where(z > 0, torch.zeros_like(z), e(z) / a),
+        lambda z: torch.where(z > 0, torch.zeros_like(z), e(z) / (a * a))))
+
+
+def _make_softsign(**p: float) -> Activation:
+    _no_params("softsign", p)
+    return Activation("softsign", {}, lambda z: z / (1 + z.abs()), kinks=(0.0,), odd=True, derivatives=(
+        lambda z: (1 + z.abs()) ** -2,
+        lambda z: -2 * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z)) * (1 + z.abs()) ** -3,
+        lambda z: 6 * (1 + z.abs()) ** -4))
+
+
+def _make_logsigmoid(**p: float) -> Activation:
+    _no_params("logsigmoid", p)
+
+    def d2(z: Tensor) -> Tensor:
+        s = _sig(z)
+        return -s * (1 - s)
+
+    return Activation("logsigmoid", {}, F.logsigmoid, derivatives=(
+        lambda z: _sig(-z), d2, lambda z: d2(z) * (1 - 2 * _sig(z))),
+        taylor=(-math.log(2.0), 0.5, -0.25, 0.0, 0.125, 0.0))
+
+
+def _make_tanhshrink(**p: float) -> Activation:
+    _no_params("tanhshrink", p)
+
+    def d1(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return t * t
+
+    def d2(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return 2 * t * (1 - t * t)
+
+    def d3(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return 2 * (1 - t * t) * (1 - 3 * t * t)
+
+    return Activation("tanhshrink", {}, lambda z: z - torch.tanh(z), derivatives=(d1, d2, d3),
+                      taylor=(0.0, 0.0, 0.0, 2.0, 0.0, -16.0), odd=True)
+
+
+def _shrink(name: str, lambd: float, hard: bool) -> Activation:
+    lam = float(lambd)
+    if not lam >= 0:
+        raise ValueError(f"{name} needs lambd >= 0, got lambd={lambd!r}")
+
+    def fn(z: Tensor) -> Tensor:
+        out = z if hard else z - lam * torch.sign(z)
+        return torch.where(z.abs() > lam, out, torch.zeros_like(z))
+
+    def d1(z: Tensor) -> Tensor:
+        return (z.abs() > lam).to(z.dtype)
+
+    return Activation(name, {"lambd": lam}, fn, derivatives=(d1, torch.zeros_like, torch.zeros_like),
+                      kinks=(-lam, lam) if lam > 0 else (0.0,), odd=True,
+                      taylor=(0.0,) * 6 if lam > 0 else (0.0, 1.0, 0.0, 0.0, 0.0, 0.0))
+
+
+def _make_softshrink(lambd: float = 0.5, **p: float) -> Activation:
+    _no_params("softshrink", p, accepted="lambd")
+    return _shrink("softshrink", lambd, hard=False)
+
+
+def _make_hardshrink(lambd: float = 0.5, **p: float) -> Activation:
+    _no_params("hardshrink", p, accepted="lambd")
+    return _shrink("hardshrink", lambd, hard=True)
+
+
+def _make_threshold(threshold: float = 0.0, value: float = 0.0, **p: float) -> Activation:
+    _no_params("threshold", p, accepted="threshold, value")
+    th, v = float(threshold), float(value)
+    if th == 0.0 and v == 0.0:
+        return _piecewise_linear("threshold", {"threshold": th, "value": v}, 1.0, 0.0)
+
+    def fn(z: Tensor) -> Tensor:
+        return torch.where(z > th, z, torch.full_like(z, v))
+
+    taylor = None if th == 0 else ((0.0, 1.0, 0.0, 0.0, 0.0, 0.0) if th < 0 else (v, 0.0, 0.0, 0.0, 0.0, 0.0))
+    return Activation("threshold", {"threshold": th, "value": v}, fn, taylor=taylor, kinks=(th,),
+                      derivatives=(lambda z: (z > th).to(z.dtype), torch.zeros_like, torch.zeros_like))
+
+
+def _make_rrelu(lower: float = 1.0 / 8, upper: float = 1.0 / 3, **p: float) -> Activation:
+    _no_params("rrelu", p, accepted="lower, upper")
+    mean = 0.5 * (float(lower) + float(upper))
+    base = _piecewise_linear("rrelu", {"lower": lower, "upper": upper}, 1.0, mean)
+    return Activation(base.name, base.params, base._fn, derivatives=base._derivs, slopes=base.slopes,
+                      kinks=base.kinks, pair_forms=base._pair_forms,
+                      note=f"RReLU read in eval mode: the negative slope is its mean (lower+upper)/2 = {mean:g}; "
+                           "in train mode the slope is random per unit and the theory does not cover it.")
+
+
 def _no_params(name: str, params: Mapping[str, float], accepted: str = "") -> None:
     if params:
         acc = f"accepted: {accepted}" if accepted else "it takes no parameters"
@@ -600,14 +798,30 @@ _REGISTRY: dict[str, Callable[..., Activation]] = {
     "elu": _make_elu,
     "selu": _make_selu,
     "monomial": _make_monomial,
+    "relu6": _make_relu6,
+    "hardtanh": _make_hardtanh,
+    "hardsigmoid": _make_hardsigmoid,
+    "hardswish": _make_hardswish,
+    "mish": _make_mish,
+    "celu": _make_celu,
+    "softsign": _make_softsign,
+    "logsigmoid": _make_logsigmoid,
+    "tanhshrink": _make_tanhshrink,
+    "softshrink": _make_softshrink,
+    "hardshrink": _make_hardshrink,
+    "threshold": _make_threshold,
+    "rrelu": _make_rrelu,
 }
 _ALIASES = {
     "identity": "linear", "id": "linear", "none": "linear",
     "silu": "swish", "lrelu": "leaky_relu", "leakyrelu": "leaky_relu",
     "gelu_erf": "gelu", "logistic": "sigmoid", "power": "monomial",
+    "hard_swish": "hardswish", "hard_sigmoid": "hardsigmoid", "hard_tanh": "hardtanh",
+    "log_sigmoid": "logsigmoid", "soft_sign": "softsign", "gelu_none": "gelu",
 }
 # Positional parameter of "name:value" specs (CLI).
-_POSITIONAL = {"leaky_relu": "a", "softplus": "beta", "swish": "beta", "elu": "alpha", "monomial": "p"}
+_POSITIONAL = {"leaky_relu": "a", "softplus": "beta", "swish": "beta", "elu": "alpha", "monomial": "p",
+               "celu": "alpha", "softshrink": "lambd", "hardshrink": "lambd"}
 
 
 def available_activations() -> list[str]:
@@ -643,16 +857,197 @@ def parse_activation_spec(spec: str) -> Activation:
 
 
 # ----------------------------------------------------------------- modules / functionals
+# (name, ((parameter, position in the call, keyword, default), ...)) of each functional form; the
+# position counts the input as 0. In-place variants (F.relu_, torch.tanh_, Tensor.relu_ ...) map
+# to the same activation: the theory evaluates its own out-of-place form.
+_P = tuple[tuple[str, int, str, Any], ...]
+
+
+def _call_forms() -> dict[Any, tuple[str, _P]]:
+    T = torch.Tensor
+    slope: _P = (("a", 1, "negative_slope", 0.01),)
+    alpha: _P = (("alpha", 1, "alpha", 1.0),)
+    lambd: _P = (("lambd", 1, "lambd", 0.5),)
+    bounds: _P = (("min_val", 1, "min_val", -1.0), ("max_val", 2, "max_val", 1.0))
+    forms: dict[Any, tuple[str, _P]] = {}
+
+    def add(name: str, params: _P, *fns: Any) -> None:
+        for f in fns:
+            if f is not None:
+                forms[f] = (name, params)
+
+    g = lambda mod, attr: getattr(mod, attr, None)  # noqa: E731 - tolerate torch versions
+    add("relu", (), F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_)
+    add("tanh", (), F.tanh, torch.tanh, torch.tanh_, T.tanh, T.tanh_)
+    add("sigmoid", (), F.sigmoid, torch.sigmoid, torch.sigmoid_, T.sigmoid, T.sigmoid_, torch.special.expit)
+    add("sin", (), torch.sin, torch.sin_, T.sin, T.sin_)
+    add("erf", (), torch.erf, torch.erf_, T.erf, T.erf_, torch.special.erf)
+    add("swish", (), F.silu)
+    add("mish", (), F.mish)
+    add("gelu", (("approximate", 1, "approximate", "none"),), F.gelu)
+    add("softplus", (("beta", 1, "beta", 1.0),), F.softplus)
+    add("elu", alpha, F.elu, F.elu_)
+    add("celu", alpha, F.celu, F.celu_, torch.celu, g(torch, "celu_"))
+    add("selu", (), F.selu, F.selu_, torch.selu, torch.selu_)
+    add("leaky_relu", slope, F.leaky_relu, F.leaky_relu_)
+    add("hardtanh", bounds, F.hardtanh, F.hardtanh_)
+    add("relu6", (), F.relu6)
+    add("hardswish", (), F.hardswish)
+    add("hardsigmoid", (), F.hardsigmoid)
+    add("logsigmoid", (), F.logsigmoid)
+    add("softsign", (), F.softsign)
+    add("tanhshrink", (), F.tanhshrink)
+    add("softshrink", lambd, F.softshrink)
+    add("hardshrink", lambd, F.hardshrink, T.hardshrink)
+    add("threshold", (("threshold", 1, "threshold", 0.0), ("value", 2, "value", 0.0)), F.threshold, F.threshold_)
+    add("rrelu", (("lower", 1, "lower", 1.0 / 8), ("upper", 2, "upper", 1.0 / 3)), F.rrelu, F.rrelu_)
+    add("clamp", (("min", 1, "min", None), ("max", 2, "max", None)),
+        torch.clamp, torch.clamp_, torch.clip, T.clamp, T.clamp_, T.clip, T.clip_)
+    add("clamp", (("min", 1, "min", None),), torch.clamp_min, torch.clamp_min_, T.clamp_min, T.clamp_min_)
+    return forms
+
+
+_FORMS: dict[Any, tuple[str, _P]] | None = None
+
+
+def _forms() -> dict[Any, tuple[str, _P]]:
+    global _FORMS
+    if _FORMS is None:
+        _FORMS = _call_forms()
+    return _FORMS
+
+
+def _from_form(name: str, values: Mapping[str, Any]) -> Activation | None:
+    if name == "gelu":
+        return get_activation("gelu_tanh" if values["approximate"] == "tanh" else "gelu")
+    if name == "clamp":  # max(z, lo) / clamp(z, lo, hi) with constant bounds
+        lo, hi = values.get("min"), values.get("max")
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            return None  # tensor bounds: not one elementwise function
+        if lo is not None and hi is not None:
+            return get_activation("hardtanh", min_val=lo, max_val=hi)
+        if lo is not None:
+            return get_activation("relu") if lo == 0 else get_activation("threshold", threshold=lo, value=lo)
+        return None
+    if name == "softplus":
+        return get_activation("softplus", beta=values["beta"])
+    return get_activation(name, **{k: v for k, v in values.items()})
+
+
+def activation_from_call(func: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Activation | None:
+    """The activation a torch call applies elementwise to its first argument, or ``None``.
+
+    Recognised (module, functional, ``torch.*`` and ``Tensor`` method forms, in-place variants
+    included): relu, relu6, hardtanh, hardswish, hardsigmoid, tanh, sigmoid, sin, erf, silu,
+    mish, gelu (``approximate``), softplus (``beta``), elu/celu (``alpha``), selu, leaky_relu
+    (``negative_slope``), logsigmoid, softsign, tanhshrink, softshrink/hardshrink (``lambd``),
+    threshold, rrelu (eval mode: mean slope), and ``clamp``/``clip``/``clamp_min`` with
+    constant bounds (``clamp(z, 0, 6)`` is ReLU6, ``clamp_min(z, 0)`` is ReLU). Parameters are
+    read from ``args``/``kwargs`` exactly as the call passes them.
+
+    Args:
+        func: the callable as a ``TorchFunctionMode`` or an fx ``call_function`` node sees it.
+        args: its positional arguments (the input first).
+        kwargs: its keyword arguments.
+
+    Returns:
+        The :class:`Activation`, or ``None`` when ``func`` is not an elementwise activation.
+    """
+    try:
+        form = _forms().get(func)
+    except TypeError:  # unhashable callable
+        return None
+    if form is None:
+        return None
+    name, params = form
+    kwargs = kwargs or {}
+    values = {}
+    for key, pos, kw, default in params:
+        v = args[pos] if len(args) > pos else kwargs.get(kw, default)
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                return None
+            v = float(v.detach().reshape(()))
+        values[key] = v
+    return _from_form(name, values)
+
+
+def _module_values(m: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    if isinstance(m, nn.ReLU6):
+        return "relu6", {}
+    table: tuple[tuple[type, str, Callable[[Any], dict[str, Any]]], ...] = (
+        (nn.ReLU, "relu", lambda m: {}),
+        (nn.LeakyReLU, "leaky_relu", lambda m: {"a": m.negative_slope}),
+        (nn.GELU, "gelu", lambda m: {"approximate": m.approximate}),
+        (nn.Tanh, "tanh", lambda m: {}),
+        (nn.SiLU, "swish", lambda m: {}),
+        (nn.Mish, "mish", lambda m: {}),
+        (nn.SELU, "selu", lambda m: {}),
+        (nn.CELU, "celu", lambda m: {"alpha": m.alpha}),
+        (nn.ELU, "elu", lambda m: {"alpha": m.alpha}),
+        (nn.Sigmoid, "sigmoid", lambda m: {}),
+        (nn.Hardtanh, "hardtanh", lambda m: {"min_val": m.min_val, "max_val": m.max_val}),
+        (nn.Hardswish, "hardswish", lambda m: {}),
+        (nn.Hardsigmoid, "hardsigmoid", lambda m: {}),
+        (nn.LogSigmoid, "logsigmoid", lambda m: {}),
+        (nn.Softsign, "softsign", lambda m: {}),
+        (nn.Tanhshrink, "tanhshrink", lambda m: {}),
+        (nn.Softshrink, "softshrink", lambda m: {"lambd": m.lambd}),
+        (nn.Hardshrink, "hardshrink", lambda m: {"lambd": m.lambd}),
+        (nn.Threshold, "threshold", lambda m: {"threshold": m.threshold, "value": m.value}),
+        (nn.RReLU, "rrelu", lambda m: {"lower": m.lower, "upper": m.upper}),
+        (nn.Identity, "linear", lambda m: {}),
+    )
+    for cls, name, read in table:
+        if isinstance(m, cls):
+            return name, read(m)
+    return None
+
+
+def activation_from_module(m: nn.Module) -> Activation | None:
+    """The activation an ``nn.Module`` computes, read from its attributes, or ``None``.
+
+    Every ``torch.nn`` activation module is recognised (parameters read from the instance:
+    ``LeakyReLU.negative_slope``, ``ELU/CELU.alpha``, ``Hardtanh`` bounds, ``Softplus.beta``,
+    ``GELU.approximate``, ``PReLU``'s *current* single slope, ``RReLU``'s mean slope …);
+    the module itself is never called. Other modules give ``None``.
+
+    Raises:
+        InvalidArgumentError: ``nn.PReLU`` with several different slopes (not one activation).
+    """
+    if isinstance(m, nn.Softplus):
+        if m.threshold * m.beta < 15:
+            warnings.warn(
+                f"nn.Softplus(threshold={m.threshold}) switches to the identity at beta*z > "
+                f"{m.threshold}; the theory uses the exact softplus.", UserWarning, stacklevel=3,
+            )
+        return get_activation("softplus", beta=m.beta)
+    if isinstance(m, nn.PReLU):
+        w = m.weight.detach().reshape(-1)
+        if w.numel() != 1 and not bool((w == w[0]).all()):
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"nn.PReLU with {w.numel()} different slopes has no single activation; the theory "
+                "needs one slope. Use nn.PReLU(num_parameters=1) or nn.LeakyReLU, or pass "
+                "mapping={layer: 'leaky_relu'} for the layers it feeds.")
+        return get_activation("leaky_relu", a=float(w[0]))
+    hit = _module_values(m)
+    if hit is None:
+        return None
+    name, values = hit
+    return _from_form(name, values)
+
+
+_from_module = activation_from_module
+
+
 def _functional_table() -> dict[Any, tuple[str, dict[str, float]]]:
-    table: dict[Any, tuple[str, dict[str, float]]] = {
-        F.relu: ("relu", {}), torch.relu: ("relu", {}),
-        F.tanh: ("tanh", {}), torch.tanh: ("tanh", {}),
-        torch.sin: ("sin", {}), torch.erf: ("erf", {}), torch.special.erf: ("erf", {}),
-        F.sigmoid: ("sigmoid", {}), torch.sigmoid: ("sigmoid", {}), torch.special.expit: ("sigmoid", {}),
-        F.silu: ("swish", {}), F.gelu: ("gelu", {}), F.softplus: ("softplus", {}),
-        F.elu: ("elu", {}), F.selu: ("selu", {}), torch.selu: ("selu", {}),
-        F.leaky_relu: ("leaky_relu", {"a": 0.01}),
-    }
+    """Default-parameter forms of the functionals (and ``np.tanh``/``np.sin``)."""
+    table: dict[Any, tuple[str, dict[str, float]]] = {}
+    for f, (name, params) in _forms().items():
+        if name != "clamp":
+            table[f] = (name, {k: d for k, _, _, d in params})
     try:
         import numpy as np
 
@@ -661,42 +1056,6 @@ def _functional_table() -> dict[Any, tuple[str, dict[str, float]]]:
     except ImportError:  # pragma: no cover
         pass
     return table
-
-
-def _from_module(m: nn.Module) -> Activation | None:
-    if isinstance(m, nn.ReLU):
-        return get_activation("relu")
-    if isinstance(m, nn.LeakyReLU):
-        return get_activation("leaky_relu", a=m.negative_slope)
-    if isinstance(m, nn.GELU):
-        return get_activation("gelu_tanh" if m.approximate == "tanh" else "gelu")
-    if isinstance(m, nn.Tanh):
-        return get_activation("tanh")
-    if isinstance(m, nn.SiLU):
-        return get_activation("swish")
-    if isinstance(m, nn.SELU):
-        return get_activation("selu")
-    if isinstance(m, nn.ELU):
-        return get_activation("elu", alpha=m.alpha)
-    if isinstance(m, nn.Softplus):
-        if m.threshold * m.beta < 15:
-            warnings.warn(
-                f"nn.Softplus(threshold={m.threshold}) switches to the identity at beta*z > "
-                f"{m.threshold}; the theory uses the exact softplus.", UserWarning, stacklevel=3,
-            )
-        return get_activation("softplus", beta=m.beta)
-    if isinstance(m, nn.Sigmoid):
-        return get_activation("sigmoid")
-    if isinstance(m, nn.Identity):
-        return get_activation("linear")
-    if isinstance(m, nn.PReLU):
-        if m.weight.numel() != 1:
-            raise ValueError(
-                f"nn.PReLU with {m.weight.numel()} slopes has no single activation; the theory "
-                "needs one slope. Use nn.PReLU(num_parameters=1) or nn.LeakyReLU."
-            )
-        return get_activation("leaky_relu", a=float(m.weight.detach().reshape(()).item()))
-    return None
 
 
 def _custom(fn: Callable, name: str | None, kinks: Sequence[float] | None) -> Activation:
@@ -823,7 +1182,7 @@ def get_activation(
     except TypeError:  # unhashable callable
         known = None
     if known is not None:
-        return get_activation(known[0], **known[1])
+        return _from_form(known[0], known[1])
     if callable(obj):
         return _custom(obj, name, kinks)
     raise TypeError(

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 from ..errors import NoCriticalPointError  # noqa: F401  (re-exported)
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "h_function",
     "susceptibilities",
     "taylor_constants",
+    "saturated_fraction",
     "criticality_condition",
     "fixed_points",
 ]
@@ -459,8 +461,38 @@ def _suggestion(act: Activation) -> str:
     return "use tanh (K*=0 class, critical at (0, 1)) or relu (scale-invariant, critical at (0, 2))."
 
 
+_NEAREST_K_MAX = 4.0
+
+
+def saturated_fraction(activation: ActivationLike, K: float, *, threshold: float = 1e-2) -> float:
+    r"""Fraction of units in saturation under :math:`z \sim N(0, K)`.
+
+    A unit is saturated where :math:`|\sigma'(z)| < ` ``threshold`` :math:`\cdot \max|\sigma'|`
+    (the maximum over :math:`|z| \le 10\sqrt{K}`). Used to report what a non-critical setting
+    costs (``docs/activations.md``).
+
+    Args:
+        activation: anything :func:`~torch_crit.theory.activations.get_activation` accepts.
+        K: the preactivation variance, > 0.
+        threshold: relative slope below which a unit counts as saturated.
+
+    Returns:
+        The probability, in [0, 1].
+    """
+    act = _act(activation)
+    sd = math.sqrt(float(K))
+    z = torch.linspace(-10 * sd, 10 * sd, 40001, dtype=torch.float64)
+    d = act.derivative(z, 1).abs()
+    top = float(d.max())
+    if top == 0:
+        return 1.0
+    w = torch.exp(-0.5 * (z / sd) ** 2)
+    return float((w * (d < threshold * top)).sum() / w.sum())
+
+
 def _nearest(act: Activation, reason: str) -> CriticalPoint:
-    """C_b = 0 and chi_perp = 1 at the fixed point (gradient-critical), else at K = 1."""
+    """C_b = 0 and chi_perp = 1 at the fixed point (gradient-critical) when that fixed point has
+    K* <= 4; otherwise the fixed point K* = 1 (forward signal O(1), units unsaturated)."""
     def R(K: Tensor) -> Tensor:  # g(K) / <s's'>_K - K, zero at a C_b = 0 fixed point with chi_perp = 1
         return g_function(act, K) / _sigma_prime_sq(act, K) - K
 
@@ -468,6 +500,23 @@ def _nearest(act: Activation, reason: str) -> CriticalPoint:
         roots = _sign_change_roots(R, _K_GRID)
     except ValueError:
         roots = []
+    roots = [K for K in roots if float(_sigma_prime_sq(act, torch.tensor([K], dtype=torch.float64))[0]) > 0]
+    K1 = torch.tensor([1.0], dtype=torch.float64)
+    g1 = float(g_function(act, K1)[0])
+    if roots and roots[0] > _NEAREST_K_MAX and g1 > 0:
+        # the gradient-critical fixed point sits deep in saturation (sigmoid: K* = 45.6, C_W = 103):
+        # keep the forward signal O(1) instead (fixed point K* = 1 at C_b = 0) and say what it costs
+        C_W = 1.0 / g1
+        chi_perp_1 = float(C_W * _sigma_prime_sq(act, K1)[0])
+        chi_par = float(chi_parallel(act, K1, C_W)[0])
+        note = (f"not critical: {reason} The setting with chi_perp = 1 has its fixed point at K* = {roots[0]:.4g}, "
+                f"where {saturated_fraction(act, roots[0]):.0%} of units are saturated; nearest usable setting "
+                f"instead: C_b = 0, C_W = 1/<sigma^2>_(K=1) = {C_W:.6g}, a fixed point at K* = 1 "
+                f"({saturated_fraction(act, 1.0):.0%} saturated units) with chi_perp = {chi_perp_1:.4g}: "
+                f"gradients shrink by that factor per layer (about {chi_perp_1:.3g}^L).")
+        return CriticalPoint(activation=act, C_b=0.0, C_W=C_W, K_star=1.0,
+                             universality_class=UniversalityClass.NONE, chi_parallel=chi_par,
+                             chi_perp=chi_perp_1, notes=note)
     if roots:
         K = roots[0]
         Kt = torch.tensor([K], dtype=torch.float64)
@@ -480,7 +529,7 @@ def _nearest(act: Activation, reason: str) -> CriticalPoint:
                              universality_class=UniversalityClass.NONE, chi_parallel=chi_par,
                              chi_perp=1.0, notes=note)
     K1 = torch.tensor([1.0], dtype=torch.float64)
-    C_W = 1.0 / float(_sigma_prime_sq(act, K1)[0])
+    C_W = 1.0 / max(float(_sigma_prime_sq(act, K1)[0]), 1e-300)
     chi_par = float(chi_parallel(act, K1, C_W)[0])
     note = (f"not critical: {reason} No fixed point with chi_perp = 1 exists either; nearest setting: "
             f"C_b = 0, C_W = 1/<s's'>_(K=1) (chi_perp = 1 at K = 1 only).")
@@ -499,6 +548,24 @@ def _solve(act: Activation) -> CriticalPoint:
         return _scale_invariant_point(act, act.A2, act.A4,
                                       "scale-invariant class (5.67): a line of fixed points K* = K^(1)/... "
                                       "(5.66); chi_par = chi_perp = A2 C_W = 1.")
+
+    # (a') piecewise linear only near 0 (ReLU6, Hardtanh): the book's scale-invariant class holds
+    # for kernels well inside the linear window (a deliberate choice, docs/activations.md)
+    if act.local_slopes is not None:
+        ap, am = act.local_slopes
+        A2, A4 = 0.5 * (ap * ap + am * am), 0.5 * (ap**4 + am**4)
+        if A2 > 0:
+            r = act.local_radius
+            cp = _scale_invariant_point(
+                act, A2, A4,
+                f"[choice, not in the book] sigma is piecewise linear with slopes (a+, a-) = ({ap:g}, {am:g}) "
+                f"only for |z| < {r:g}: scale-invariant (5.67) while the kernel K << {r * r:g} (units rarely "
+                f"reach the saturation at |z| = {r:g}); for larger K the saturation makes chi_par < 1 and "
+                "the kernel shrinks back toward that window.")
+            if ap == am:  # locally the identity: bounded like tanh, K* = 0 with an exponentially slow flow
+                cp = dataclasses.replace(cp, universality_class=UniversalityClass.K_STAR_ZERO, K_star=0.0,
+                                         exponents={}, p_perp=None)
+            return cp
 
     alternatives: list[CriticalPoint] = []
     reason_zero = ""
@@ -545,7 +612,13 @@ def _solve(act: Activation) -> CriticalPoint:
     reasons = []
     for K in roots:
         Kt = torch.tensor([K], dtype=torch.float64)
-        C_W = 1.0 / float(_sigma_prime_sq(act, Kt)[0])
+        sp2_K = float(_sigma_prime_sq(act, Kt)[0])
+        if sp2_K < 0.1:
+            if not any("nearly vanishes" in r for r in reasons):
+                reasons.append(f"<sigma'sigma'> nearly vanishes at the roots from K* = {K:.6g} (C_W would exceed 10: "
+                               "the units sit in a flat region of sigma)")
+            continue
+        C_W = 1.0 / sp2_K
         C_b = K - C_W * float(g_function(act, Kt)[0])
         if C_b < -1e-10 * max(1.0, K):
             reasons.append(f"the root K* = {K:.6g} of (5.73) needs C_b = {C_b:.6g} < 0")
