@@ -329,14 +329,14 @@ class Branchy(nn.Module):
         return self.second(h)
 
 
-def test_untraceable_model_falls_back_with_a_warning():
-    with pytest.warns(TracingFallbackWarning, match="registration order"):
-        plan = analyse(Branchy())
-    assert plan.method == "module_order" and names(plan) == ["second", "first", "bn"]
+def test_untraceable_model_is_recorded_by_execution():
+    # registration order would say second, first, bn: the recorded forward pass says what runs
+    plan = analyse(Branchy())  # inputs inferred: Linear(8, 1) is tried first, Linear(3, 8) fits
+    assert plan.method == "execution" and names(plan) == ["first", "bn", "second"]
+    assert any("inferred inputs [(2, 3)]" in n for n in plan.notes)
     net = Branchy()
-    with pytest.warns(TracingFallbackWarning, match="example_inputs"):
-        plan = analyse(net, example_inputs=torch.randn(4, 3))
-    assert plan.method == "hooks" and names(plan) == ["first", "bn", "second"]
+    plan = analyse(net, example_inputs=torch.randn(4, 3))
+    assert plan.method == "execution" and names(plan) == ["first", "bn", "second"]
     assert plan.layer("second").input_activation.key == "tanh" and plan.layer("second").is_readout
     # running the example did not touch the model (BatchNorm statistics, train mode)
     assert net.training and torch.equal(net.bn.running_mean, torch.zeros(8))

@@ -25,11 +25,14 @@ How the plan is found
    Parameter-free custom modules are traced as leaves and read as user activations
    (``get_activation(module)``); ``F.linear``/``F.conv*`` applied to a module's own parameters are
    read as layers.
-2. **Fallback** when tracing fails (data-dependent control flow …): with ``example_inputs`` the
-   leaf modules are recorded in the order they actually run (forward pre-hooks); otherwise in
-   registration order, which is exact for ``nn.Sequential``. In both fallbacks functional
-   activations and residual connections are invisible: pass ``mapping``. A
-   :class:`TracingFallbackWarning` says which fallback was used.
+2. **Execution** when tracing fails or leaves a gap (an operation it cannot identify in front of
+   a layer, two activations feeding one layer), or whenever ``example_inputs`` is given: one
+   forward pass is recorded (:mod:`torch_crit.execution_trace`) into a graph of the same node
+   kinds, read by the same handlers. Inputs are inferred from the first layer when not given
+   (``Linear``/``Conv``/``Embedding``/RNN/attention); if they cannot be, the error says to pass
+   ``example_inputs=``. Registration order is never used.
+   Products of two data tensors where one side ends in a sigmoid/hard-sigmoid gate
+   (squeeze-excite) keep the other side's activation (``docs/model_analysis.md``).
 3. **mapping** ``{module_name: activation}`` overrides detection. For a parameterised layer the
    value is the activation *feeding* that layer (what its weights multiply); for a parameter-free
    module it is the activation that module computes. ``None`` means the identity.
@@ -44,6 +47,8 @@ Example:
 from __future__ import annotations
 
 from .errors import TracingFallbackWarning, AmbiguousActivationError, ActivationNotFoundError  # noqa: F401  (re-exported)
+from .errors import ModelAnalysisError
+from .execution_trace import infer_example_inputs, record_forward
 import math
 import operator
 import warnings
@@ -203,8 +208,8 @@ class ModelPlan:
             layer).
         residual_blocks: residual sums found, forward order.
         unplaced: parameters not attached to a supported layer, with reasons.
-        method: ``'fx'``, ``'hooks'`` (execution order recorded on ``example_inputs``) or
-            ``'module_order'`` (registration order).
+        method: ``'fx'`` (symbolic tracing) or ``'execution'`` (one forward pass recorded on
+            ``example_inputs``, given or inferred; :mod:`torch_crit.execution_trace`).
         default_activation: the ``activation`` argument of :func:`analyse`, resolved.
         notes: model-level caveats.
     """
@@ -213,7 +218,7 @@ class ModelPlan:
     depth: int
     residual_blocks: tuple[ResidualBlock, ...]
     unplaced: tuple[UnplacedParameter, ...]
-    method: Literal["fx", "hooks", "module_order"]
+    method: Literal["fx", "execution"]
     default_activation: Any | None = None
     notes: tuple[str, ...] = ()
 
@@ -371,36 +376,55 @@ def _module_act(m: nn.Module) -> _Act:
     return _Act(key=repr(m), obj=m)
 
 
-# functional / method activations -> equivalent module (so get_activation sees one form)
-_FUNC_ACTS: dict[Any, Callable[[fx.Node], nn.Module | Any]] = {
-    F.relu: lambda n: nn.ReLU(), torch.relu: lambda n: nn.ReLU(), torch.relu_: lambda n: nn.ReLU(),
-    F.relu_: lambda n: nn.ReLU(),
-    torch.tanh: lambda n: nn.Tanh(), F.tanh: lambda n: nn.Tanh(),
-    torch.sigmoid: lambda n: nn.Sigmoid(), F.sigmoid: lambda n: nn.Sigmoid(),
-    F.gelu: lambda n: nn.GELU(approximate=_arg(n, 1, "approximate", "none")),
-    F.silu: lambda n: nn.SiLU(), F.mish: lambda n: nn.Mish(), F.selu: lambda n: nn.SELU(),
-    F.leaky_relu: lambda n: nn.LeakyReLU(_arg(n, 1, "negative_slope", 0.01)),
-    F.elu: lambda n: nn.ELU(_arg(n, 1, "alpha", 1.0)),
-    F.celu: lambda n: nn.CELU(_arg(n, 1, "alpha", 1.0)),
-    F.softplus: lambda n: nn.Softplus(_arg(n, 1, "beta", 1.0), _arg(n, 2, "threshold", 20.0)),
-    F.hardtanh: lambda n: nn.Hardtanh(_arg(n, 1, "min_val", -1.0), _arg(n, 2, "max_val", 1.0)),
-    F.relu6: lambda n: nn.ReLU6(), F.hardswish: lambda n: nn.Hardswish(),
-    F.hardsigmoid: lambda n: nn.Hardsigmoid(), F.logsigmoid: lambda n: nn.LogSigmoid(),
-    F.softsign: lambda n: nn.Softsign(), F.tanhshrink: lambda n: nn.Tanhshrink(),
-    torch.sin: lambda n: torch.sin, torch.erf: lambda n: torch.erf,
-}
-_METHOD_ACTS: dict[str, Callable[[fx.Node], Any]] = {
-    "relu": lambda n: nn.ReLU(), "relu_": lambda n: nn.ReLU(), "tanh": lambda n: nn.Tanh(),
-    "tanh_": lambda n: nn.Tanh(), "sigmoid": lambda n: nn.Sigmoid(), "sigmoid_": lambda n: nn.Sigmoid(),
-    "sin": lambda n: torch.sin, "sin_": lambda n: torch.sin, "erf": lambda n: torch.erf,
-}
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__", "nelement", "ndimension", "stride"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+_GATES = {"sigmoid", "hardsigmoid"}
 
 
-def _func_act(n: fx.Node, builder: Callable[[fx.Node], Any]) -> _Act:
-    obj = builder(n)
-    if isinstance(obj, nn.Module):
-        return _module_act(obj)
-    return _Act(key=f"fn:{getattr(obj, '__qualname__', repr(obj))}", obj=obj)
+def _call_activation(n: fx.Node) -> _Act | None:
+    """The activation an fx call node applies (the one coercion, ``activation_from_call``), or None."""
+    from torch_crit.theory.activations import activation_from_call
+
+    if n.op == "call_function":
+        func = n.target
+    elif n.op == "call_method":
+        func = getattr(torch.Tensor, str(n.target), None)
+    else:
+        return None
+    if func is None:
+        return None
+    try:
+        act = activation_from_call(func, n.args, n.kwargs)
+    except (TypeError, ValueError):  # parameters computed at run time (an fx.Node): not one σ
+        return None
+    return None if act is None else _Act(key=f"activation:{act.key}", obj=act)
+
+
+def _gated_product(ana: "_Analysis", sides: list[frozenset[_Tag]]) -> frozenset[_Tag]:
+    r"""Tags of ``a * b`` for two data tensors.
+
+    [choice, not in the book] A side whose every path ends in a gate — sigmoid or hard-sigmoid
+    (squeeze-excite, GLU-style gates) or an unidentified op of the same stream (the
+    :math:`1/\sqrt{\langle x^2\rangle}` of RMS normalisation) — is a data-dependent scale: the
+    product keeps the other side's activation. Two ungated sides (SwiGLU's ``silu(a) * b``) keep
+    both, and a layer they feed asks for ``mapping=``.
+    """
+    def gating(a: _Act | None) -> bool:
+        if a is None:
+            return False
+        if a.opaque:
+            return True
+        try:
+            return _act_name(_resolve(a, ana.cache)) in _GATES
+        except (TypeError, ValueError):
+            return False
+
+    gate = [bool(side) and all(gating(t.act) for t in side) for side in sides]
+    if gate[0] and not gate[1]:
+        return sides[1]
+    if gate[1] and not gate[0]:
+        return sides[0]
+    return sides[0] | sides[1]
 
 
 def _user_act(value: Any) -> _Act | None:
@@ -578,6 +602,7 @@ class _Analysis:
         self.unplaced: list[UnplacedParameter] = []
         self.notes: list[str] = []
         self.blocks: list[dict[str, Any]] = []
+        self.cache: dict[str, Any] = {}
 
     # ---- layers -----------------------------------------------------------------------------
     def add_layer(self, name: str, module: nn.Module | None, kind: LayerKind, fan_in: int, fan_out: int,
@@ -796,10 +821,14 @@ def _fx_analysis(root: nn.Module, graph: fx.Graph, ana: _Analysis) -> None:
                     param_used_in.setdefault(id(v), (
                         "scalar parameter used as a scale" if is_scale else
                         f"used directly by {getattr(tgt, '__name__', tgt)!s} in forward (not a supported layer)"))
-        if (n.op == "call_function" and tgt in _FUNC_ACTS) or (n.op == "call_method" and tgt in _METHOD_ACTS):
-            builder = _FUNC_ACTS[tgt] if n.op == "call_function" else _METHOD_ACTS[tgt]
+        call_act = _call_activation(n)
+        if call_act is not None:
             src = [n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else ins
-            flows[n] = ana.apply_act(union(src), _func_act(n, builder))
+            flows[n] = ana.apply_act(union(src), call_act)
+            continue
+        if n.op == "call_method" and tgt in _SHAPE_METHODS or (
+                n.op == "call_function" and tgt is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS):
+            flows[n] = frozenset()  # shapes and sizes are not data: x.shape[1] // p is no activation
             continue
         if (n.op == "call_function" and tgt in _MUL_FUNCS) or (n.op == "call_method" and tgt in _MUL_METHODS):
             tensor_args = [a for a in n.args if isinstance(a, fx.Node) and flows.get(a)]
@@ -821,7 +850,7 @@ def _fx_analysis(root: nn.Module, graph: fx.Graph, ana: _Analysis) -> None:
                     b0, s0 = scaled.get(base, (base, 1.0))
                     scaled[n] = (b0, None if (s0 is None or val is None) else s0 * val)
                 continue
-            flows[n] = union(ins)
+            flows[n] = _gated_product(ana, [flows[a] for a in tensor_args]) if len(tensor_args) == 2 else union(ins)
             continue
         if (n.op == "call_function" and tgt in _ADD_FUNCS) or (n.op == "call_method" and tgt in _ADD_METHODS):
             tensor_args = [a for a in n.args if isinstance(a, fx.Node) and flows.get(a)]
@@ -916,87 +945,6 @@ def _join(ana: _Analysis, n: fx.Node, args: list[fx.Node], scaled: dict, anc_lay
             None if branch[2] is not None else "branch scale is not a constant") if x)))
 
 
-def _sequence_analysis(root: nn.Module, order: Sequence[tuple[str, nn.Module]], ana: _Analysis) -> None:
-    tags: frozenset[_Tag] = frozenset({_Tag("<input>", None)})
-    chain = 0
-    last_affine = None
-    for name, m in order:
-        kind = _kind(m)
-        if name in ana.mapping and not _has_params(m):
-            act = _user_act(ana.mapping[name])
-            if act is not None:
-                tags = ana.apply_act(tags, act)
-            continue
-        if kind is not None:
-            fi, fo = _module_fans(m, kind, name)
-            tensors = [p for _, p in m.named_parameters(recurse=True)]
-            if kind in AFFINE_KINDS:
-                chain += 1
-                last_affine = name
-            ana.add_layer(name, m, kind, fi, fo, _module_params(m, name), tensors, tags, chain)
-            if kind in AFFINE_KINDS:
-                tags = frozenset({_Tag(name, None)})
-            continue
-        if _is_activation_module(m):
-            tags = ana.apply_act(tags, _module_act(m))
-            continue
-        if _has_params(m):
-            for pn, p in m.named_parameters():
-                if id(p) in ana.used_params:
-                    continue
-                ana.unplaced.append(UnplacedParameter(f"{name}.{pn}", name,
-                                                      f"{type(m).__name__} is not a supported layer type"))
-                ana.used_params[id(p)] = "<unplaced>"
-            continue
-        if m.__module__.startswith("torch.nn"):
-            continue
-        tags = ana.apply_act(tags, _Act(key=f"user-module:{type(m).__module__}.{type(m).__qualname__}:{m!r}", obj=m))
-    if last_affine is not None:
-        ana.layers[last_affine]["readout"] = True
-
-
-def _leaf_modules(root: nn.Module, mapped: set[str]) -> list[tuple[str, nn.Module]]:
-    tracer = _Tracer(mapped)
-    out = []
-    for name, m in root.named_modules():
-        if name == "" and any(True for _ in m.children()):
-            continue
-        if tracer.is_leaf_module(m, name):
-            # skip modules nested in an already-listed leaf (e.g. MultiheadAttention.out_proj)
-            if any(name.startswith(p + ".") for p, _ in out):
-                continue
-            out.append((name, m))
-    return out
-
-
-def _hook_order(root: nn.Module, leaves: list[tuple[str, nn.Module]], example_inputs: Any) -> list[tuple[str, nn.Module]]:
-    order: list[tuple[str, nn.Module]] = []
-    seen: set[str] = set()
-    handles = []
-
-    def make(name: str, m: nn.Module) -> Callable:
-        def hook(mod: nn.Module, args: Any) -> None:
-            if name not in seen:
-                seen.add(name)
-                order.append((name, m))
-        return hook
-
-    modes = {m: m.training for m in root.modules()}
-    try:
-        for name, m in leaves:
-            handles.append(m.register_forward_pre_hook(make(name, m)))
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        root.eval()  # no BatchNorm statistics update: analyse must not change the model
-        with torch.no_grad():
-            root(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return order
-
-
 def _resolve(act: _Act | None, cache: dict[str, Any]) -> Any | None:
     if act is None:
         return None
@@ -1021,8 +969,9 @@ def analyse(model: nn.Module, activation: Any | None = None, *, mapping: Mapping
         mapping: ``{module_name: activation}`` overrides. For a parameterised layer the value is
             the activation *feeding* it (its weights multiply σ of its input); for a
             parameter-free module, the activation it computes. ``None`` = identity.
-        example_inputs: a tensor or tuple of tensors; only used when fx tracing fails, to record
-            the order in which leaf modules actually run.
+        example_inputs: a tensor or tuple of positional inputs. Given, the analysis records one
+            forward pass on them (exact about what runs); otherwise fx is tried first and inputs
+            are inferred from the first layer when fx fails or leaves a gap.
 
     Returns:
         The :class:`ModelPlan`.
@@ -1035,6 +984,8 @@ def analyse(model: nn.Module, activation: Any | None = None, *, mapping: Mapping
         ActivationNotFoundError: an operation in front of a layer is not a known activation and
             neither ``mapping`` nor ``activation`` says what it is.
         ValueError: lazy (uninitialised) parameters.
+        ModelAnalysisError: a model that cannot run on the inferred or
+            given inputs; inputs that cannot be inferred (each message says what to pass).
     """
     root = unwrap_model(model)
     mapping = dict(mapping or {})
@@ -1043,34 +994,73 @@ def analyse(model: nn.Module, activation: Any | None = None, *, mapping: Mapping
     if bad:
         raise KeyError(f"mapping keys {bad} name no module of the model; module names are "
                        f"{sorted(n for n in module_names if n)[:40]} (use model.named_modules() paths)")
+    for pname, p in root.named_parameters():
+        _check_materialised(p, pname)
     default = _user_act(activation)
-    ana = _Analysis(root, mapping, default)
     mapped_leaves = {k for k in mapping if not _has_params(root.get_submodule(k))}
-    method: Literal["fx", "hooks", "module_order"] = "fx"
-    try:
-        graph = _trace(root, mapped_leaves)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back, and says why
-        leaves = _leaf_modules(root, mapped_leaves)
-        if example_inputs is not None:
-            order = _hook_order(root, leaves, example_inputs)
-            method = "hooks"
-        else:
-            order = leaves
-            method = "module_order"
-        warnings.warn(
-            f"torch.fx could not trace {type(root).__name__} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            f"using the {'execution order recorded on example_inputs' if method == 'hooks' else 'module registration order'}"
-            " instead. Functional activations and residual connections are invisible in this mode: pass "
-            "mapping={layer: activation} for them" + ("" if method == "hooks" else ", or example_inputs= to record the real order"),
-            TracingFallbackWarning, stacklevel=2)
-        ana.notes.append(f"fx tracing failed ({type(exc).__name__}); {method} fallback")
-        _sequence_analysis(root, order, ana)
+    fx_error: Exception | None = None
+    if example_inputs is None:
+        try:
+            graph = _trace(root, mapped_leaves)
+            ana = _Analysis(root, mapping, default)
+            _fx_analysis(root, graph, ana)
+            return _build_plan(root, ana, "fx")
+        except (ActivationNotFoundError, AmbiguousActivationError) as exc:
+            fx_error = exc  # a gap in what fx sees: record the real forward pass instead
+        except Exception as exc:  # noqa: BLE001 - tracing failed: record the real forward pass
+            if isinstance(exc, (KeyError, ModelAnalysisError)):
+                raise
+            fx_error = exc
+        candidates = infer_example_inputs(root)
+        if candidates is None:
+            if isinstance(fx_error, ModelAnalysisError):
+                raise fx_error
+            raise ModelAnalysisError(
+                f"torch.fx could not analyse {type(root).__name__} ({type(fx_error).__name__}: "
+                f"{str(fx_error).splitlines()[0][:200] if str(fx_error) else ''}) and its inputs cannot be inferred "
+                "(no Linear/Conv/Embedding/RNN/attention layer to read them from). Fix: pass example_inputs=<a small "
+                "batch the model accepts> so one forward pass can be recorded.") from fx_error
     else:
-        _fx_analysis(root, graph, ana)
-    return _build_plan(root, ana, method)
+        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+    graph = None
+    last: Exception | None = None
+    for inputs in candidates:
+        try:
+            graph = record_forward(root, inputs, lambda m, name: _execution_leaf(m, name, mapped_leaves))
+            break
+        except ModelAnalysisError as exc:
+            last = exc
+    if graph is None:
+        assert last is not None
+        raise last
+    ana = _Analysis(root, mapping, default)
+    ana.notes.append("analysed by recording one forward pass" + (
+        f" (torch.fx: {type(fx_error).__name__})" if fx_error is not None else "") + (
+        " on inferred inputs " + str([tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)])
+        if example_inputs is None else ""))
+    _fx_analysis(root, graph, ana)
+    return _build_plan(root, ana, "execution")
 
 
-def _build_plan(root: nn.Module, ana: _Analysis, method: Literal["fx", "hooks", "module_order"]) -> ModelPlan:
+def _execution_leaf(m: nn.Module, name: str, mapped: set[str]) -> bool | None:
+    """Leaf rule of the execution recorder: as fx's, but a parameter-free custom module is decided
+    by the elementwise test on its real input (``None``)."""
+    if name in mapped and not _has_params(m):
+        return True
+    if _kind(m) is not None or _is_activation_module(m):
+        return True
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
+    if not any(True for _ in m.children()):
+        if m.__module__.startswith("torch.nn"):
+            return True  # dropout, pooling, flatten, softmax, RNN, PReLU ...
+        if not _has_params(m):
+            return None
+        return True  # a custom module with its own parameters and no submodules: unsupported leaf
+    return False
+
+
+def _build_plan(root: nn.Module, ana: _Analysis, method: Literal["fx", "execution"]) -> ModelPlan:
     cache: dict[str, Any] = {}
     default = _resolve(ana.default, cache)
     names = list(ana.layers)
@@ -1135,15 +1125,14 @@ def _build_plan(root: nn.Module, ana: _Analysis, method: Literal["fx", "hooks", 
             activation=following, input_activation=in_act, depth=depth, position=position,
             is_readout=bool(rec.get("readout", False)) and kind in AFFINE_KINDS, residual=res.get(name),
             params=rec["params"], tied=rec["tied"], notes=tuple(notes)))
-    if default is not None and method == "fx":
+    if default is not None:
         _check_default(layers, default)
     # parameters nobody placed
     unplaced = list(ana.unplaced)
     for pname, p in root.named_parameters():
         if id(p) not in ana.used_params:
             owner = pname.rsplit(".", 1)[0] if "." in pname else ""
-            unplaced.append(UnplacedParameter(pname, owner, "not used by any supported layer in forward"
-                                              + (" (fallback: module order)" if method != "fx" else "")))
+            unplaced.append(UnplacedParameter(pname, owner, "not used by any supported layer in forward"))
     depth = max((l.depth for l in layers if l.depth is not None), default=0)
     return ModelPlan(layers=tuple(layers), depth=depth, residual_blocks=tuple(blocks), unplaced=tuple(unplaced),
                      method=method, default_activation=default, notes=tuple(ana.notes))
