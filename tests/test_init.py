@@ -216,7 +216,9 @@ def test_transformer_pieces_embedding_norm_attention_and_tied_weights():
         lm.ln.weight.mul_(3.0)
         lm.bn.running_mean.fill_(5.0)
     rep = init_(lm, generator=torch.Generator().manual_seed(1))
-    assert sample_var_ok(lm.emb.weight[1:], 1.0) and float(lm.emb.weight[0].detach().abs().max()) == 0.0
+    # tied with the readout: drawn with the readout's C_W / d (logits O(1)), padding row zero
+    assert sample_var_ok(lm.emb.weight[1:], 1.0 / 64) and float(lm.emb.weight[0].detach().abs().max()) == 0.0
+    assert any("tied with readout 'head'" in n for n in rep.layer("emb").notes)
     assert torch.equal(lm.ln.weight, torch.ones(64)) and torch.equal(lm.ln.bias, torch.zeros(64))
     assert torch.equal(lm.bn.running_mean, torch.zeros(64))
     assert sample_var_ok(lm.attn.in_proj_weight, 1.0 / 64)

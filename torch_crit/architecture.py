@@ -173,6 +173,10 @@ class LayerInfo:
         tied: qualified names of parameters of this layer owned by an earlier layer (shared
             weights); they are initialised and optimised with their owner.
         notes: provenance and caveats (``'activation from mapping'``, …).
+        fed_by: the unsupported parameterised module (an RNN, a custom layer) whose output feeds
+            this layer directly, ``None`` otherwise.
+        input_second_moment: :math:`\frac1n\sum_j x_j^2` of this layer's input measured on the
+            recorded forward pass (execution analysis only), ``None`` otherwise.
     """
 
     name: str
@@ -189,6 +193,8 @@ class LayerInfo:
     params: tuple[tuple[str, str], ...]
     tied: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    fed_by: str | None = None
+    input_second_moment: float | None = None
 
     def param(self, role: str) -> str | None:
         """Qualified name of the parameter with the given role, or ``None``."""
@@ -376,7 +382,15 @@ def _module_act(m: nn.Module) -> _Act:
     return _Act(key=repr(m), obj=m)
 
 
-_SHAPE_METHODS = {"size", "dim", "numel", "__len__", "nelement", "ndimension", "stride"}
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__", "nelement", "ndimension", "stride",
+                  # new tensors shaped like the input, and comparisons (masks): no data flows through them
+                  "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "eq", "ne", "gt", "ge", "lt", "le",
+                  "__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__", "logical_not", "isnan", "isinf",
+                  "bool", "long", "int", "argmax", "argmin", "argsort"}
+_NO_DATA_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                  torch.randn_like, torch.randint_like, torch.eq, torch.ne, torch.gt, torch.ge, torch.lt, torch.le,
+                  torch.argmax, torch.argmin, torch.argsort, torch.isnan, torch.isinf, torch.logical_not,
+                  operator.eq, operator.ne, operator.gt, operator.ge, operator.lt, operator.le}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 _GATES = {"sigmoid", "hardsigmoid"}
 
@@ -760,6 +774,8 @@ def _fx_analysis(root: nn.Module, graph: fx.Graph, ana: _Analysis) -> None:
                     layer_of[n] = name
                     anc_layers[n] = anc | {name}
                 ana.add_layer(name, m, kind, fi, fo, params, tensors, in_tags, chain[n])
+                if "input_ms" in n.meta:
+                    ana.layers[name].setdefault("input_ms", n.meta["input_ms"])
                 if kind == "norm":
                     flows[n] = union(ins[:1])
                 else:
@@ -826,7 +842,7 @@ def _fx_analysis(root: nn.Module, graph: fx.Graph, ana: _Analysis) -> None:
             src = [n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else ins
             flows[n] = ana.apply_act(union(src), call_act)
             continue
-        if n.op == "call_method" and tgt in _SHAPE_METHODS or (
+        if n.op == "call_method" and tgt in _SHAPE_METHODS or (n.op == "call_function" and tgt in _NO_DATA_FUNCS) or (
                 n.op == "call_function" and tgt is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS):
             flows[n] = frozenset()  # shapes and sizes are not data: x.shape[1] // p is no activation
             continue
@@ -1004,7 +1020,10 @@ def analyse(model: nn.Module, activation: Any | None = None, *, mapping: Mapping
             graph = _trace(root, mapped_leaves)
             ana = _Analysis(root, mapping, default)
             _fx_analysis(root, graph, ana)
-            return _build_plan(root, ana, "fx")
+            plan = _build_plan(root, ana, "fx")
+            if not any(l.fed_by is not None and l.kind in AFFINE_KINDS for l in plan.layers):
+                return plan
+            fx_error = None  # a layer reads an unsupported module's output: measure it on a real pass
         except (ActivationNotFoundError, AmbiguousActivationError) as exc:
             fx_error = exc  # a gap in what fx sees: record the real forward pass instead
         except Exception as exc:  # noqa: BLE001 - tracing failed: record the real forward pass
@@ -1116,6 +1135,9 @@ def _build_plan(root: nn.Module, ana: _Analysis, method: Literal["fx", "executio
                     "one σ per layer (its weights multiply σ(z), eq. (2.5)). Fix: pass mapping={"
                     + repr(name) + ": <activation>} saying which σ to use for it (None for the identity).")
             in_act = next(iter(resolved)) if resolved else None
+        fed_by = next((t.origin[len("<opaque:"):-1] for t in rec["in_tags"] if t.origin.startswith("<opaque:")), None)
+        if fed_by is not None:
+            notes.append(f"fed by {fed_by!r}, a module torch_crit does not initialise")
         depth = rec["chain"] if kind in AFFINE_KINDS else None
         position = rec["chain"]
         if rec["calls"] > 1:
@@ -1124,7 +1146,8 @@ def _build_plan(root: nn.Module, ana: _Analysis, method: Literal["fx", "executio
             name=name, module_type=rec["module_type"], kind=kind, fan_in=rec["fan_in"], fan_out=rec["fan_out"],
             activation=following, input_activation=in_act, depth=depth, position=position,
             is_readout=bool(rec.get("readout", False)) and kind in AFFINE_KINDS, residual=res.get(name),
-            params=rec["params"], tied=rec["tied"], notes=tuple(notes)))
+            params=rec["params"], tied=rec["tied"], notes=tuple(notes), fed_by=fed_by,
+            input_second_moment=rec.get("input_ms")))
     if default is not None:
         _check_default(layers, default)
     # parameters nobody placed

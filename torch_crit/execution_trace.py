@@ -52,6 +52,8 @@ _DUNDER: dict[Any, tuple[Any, bool]] = {
     T.__getitem__: (operator.getitem, False), T.__matmul__: (torch.matmul, False),
     T.__rmatmul__: (torch.matmul, True), T.__floordiv__: (operator.floordiv, False),
     T.__pow__: (operator.pow, False),
+    T.__eq__: (operator.eq, False), T.__ne__: (operator.ne, False), T.__gt__: (operator.gt, False),
+    T.__ge__: (operator.ge, False), T.__lt__: (operator.lt, False), T.__le__: (operator.le, False),
 }
 
 
@@ -148,6 +150,9 @@ class _Recorder(TorchFunctionMode):
         if leaf:
             inputs = [self.node_of(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             self.pending = self.graph.create_node("call_module", name, tuple(inputs), {})
+            first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+            if first is not None and first.is_floating_point() and first.numel() and first.device.type != "meta":
+                self.pending.meta["input_ms"] = float(first.detach().double().pow(2).mean())
             self.depth += 1
 
     def post_hook(self, m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:

@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 from .errors import UntouchedParameterWarning  # noqa: F401  (re-exported)
+from .errors import NoCriticalPointWarning
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -271,6 +272,7 @@ def _decide(plan: ModelPlan, C_b: float | None, C_W: float | None, strict: bool)
                   and b.output_layers)
     out: list[_Plan1] = []
     cache: dict[Any, tuple[Any, str | None]] = {}
+    warned: set[Any] = set()
     for layer in plan.layers:
         if layer.kind == "norm":
             out.append(_Plan1(layer, None, None, None, None, None, None, "", ["weight=1, bias=0"]))
@@ -293,6 +295,10 @@ def _decide(plan: ModelPlan, C_b: float | None, C_W: float | None, strict: bool)
             raise
         if note:
             notes.append(note)
+            if act not in warned:
+                warned.add(act)
+                warnings.warn(f"layer {layer.name!r}: {note} Measured: {getattr(cp, 'notes', '')}",
+                              NoCriticalPointWarning, stacklevel=3)
         cb = float(cp.C_b) if cp is not None else None
         cw = float(cp.C_W) if cp is not None else None
         if overridden:
@@ -303,6 +309,13 @@ def _decide(plan: ModelPlan, C_b: float | None, C_W: float | None, strict: bool)
             notes.append("C_b/C_W given by the caller")
         if layer.kind == "attention":
             notes.append("attention projections: Linear with fan-in embed_dim, identity criticality, biases 0")
+        ms = layer.input_second_moment
+        if layer.fed_by is not None and ms is not None and ms > 0 and cw is not None and not overridden:
+            # [choice] the input comes from a module init_ leaves alone (an RNN's tanh-bounded state):
+            # its measured second moment replaces the book's normalised input, so C_b + C_W·E[x²] stays critical
+            cw = cw / ms
+            notes.append(f"fed by {layer.fed_by!r} (not initialised by torch_crit): input E[x²] = {ms:.4g} measured on "
+                         f"the recorded forward pass, so C_W is divided by it (C_W = {cw:.6g})")
         ocb, ocw, rdesc, rnotes = _residual_rule(layer, act, cb, cw, n_unsat, strict, overridden)
         notes.extend(rnotes)
         if layer.kind == "attention" and (ocb, ocw) != (cb, cw):
@@ -311,6 +324,36 @@ def _decide(plan: ModelPlan, C_b: float | None, C_W: float | None, strict: bool)
             out.append(_Plan1(layer, act, cb, cw, ocb, ocw, _class_name(cp), rdesc, notes))
         else:
             out.append(_Plan1(layer, act, ocb, ocw, ocb, ocw, _class_name(cp), rdesc, notes))
+    return out
+
+
+def _tied_readout_rule(decisions: list[_Plan1], root: nn.Module) -> dict[int, tuple[float, str]]:
+    r"""Standard deviations for weights an embedding shares with a Linear readout (tied ``lm_head``).
+
+    [choice, not in the book] The shared matrix is drawn with the *readout's* variance
+    :math:`C_W/n` (fan-in :math:`n` = embedding width), not the embedding's :math:`N(0, C_W)`:
+    the logits :math:`z_v = \sum_j W_{vj} h_j` of a normalised :math:`h` then have variance
+    :math:`C_W` (O(1)) instead of :math:`n\,C_W`. The token embeddings come out with per-unit
+    variance :math:`C_W/n`; a pre-LN stack normalises them before the first block
+    (``docs/transformers.md`` measures both).
+    """
+    out: dict[int, tuple[float, str]] = {}
+    kinds = {d.layer.name: d.layer.kind for d in decisions}
+    for d in decisions:
+        layer = d.layer
+        if layer.kind != "linear" or not layer.tied or d.C_W is None:
+            continue
+        for role, pname in layer.params:
+            if pname not in layer.tied or role != "weight":
+                continue
+            p = root.get_parameter(pname)
+            owner = next((o.layer.name for o in decisions for r, n in o.layer.params
+                          if n != pname and root.get_parameter(n) is p), None)
+            if owner is None or kinds.get(owner) != "embedding":
+                continue
+            std = math.sqrt(d.C_W / layer.fan_in)
+            out[id(p)] = (std, f"weight tied with readout {layer.name!r}: drawn with the readout's variance "
+                               f"C_W/fan_in = {d.C_W:.4g}/{layer.fan_in} so the logits are O(1) (docs/transformers.md)")
     return out
 
 
@@ -415,12 +458,13 @@ def init_(model: nn.Module, activation: Any | None = None, *, C_b: float | None 
             f"{type(root).__name__} has no Linear, Conv, Embedding or MultiheadAttention layer that torch_crit can "
             f"initialise (modules with parameters: {kinds or 'none'}). init_ needs at least one affine layer.")
     decisions = _decide(plan, C_b, C_W, strict)  # everything that can raise happens before writing
+    shared_std = _tied_readout_rule(decisions, root)
     done: set[int] = set()
     records: list[LayerInit] = []
     with torch.no_grad():
         for d in decisions:
             layer = d.layer
-            written, tied, frozen = [], [], []
+            written, tied, frozen, notes_tied = [], [], [], []
             for role, pname in layer.params:
                 p = root.get_parameter(pname)
                 if pname in layer.tied or id(p) in done:
@@ -434,6 +478,9 @@ def init_(model: nn.Module, activation: Any | None = None, *, C_b: float | None 
                         p.zero_()
                 else:
                     how, val = _param_spec(d, role, p, root)
+                    if id(p) in shared_std:
+                        how, val = "normal", shared_std[id(p)][0]
+                        notes_tied.append(shared_std[id(p)][1])
                     if how == "normal":
                         _normal_(p, val, generator)
                     else:
@@ -441,7 +488,7 @@ def init_(model: nn.Module, activation: Any | None = None, *, C_b: float | None 
                 written.append(pname)
                 if not p.requires_grad:
                     frozen.append(pname)
-            notes = list(d.notes)
+            notes = list(d.notes) + notes_tied
             if layer.kind == "embedding" and written:
                 m = root.get_submodule(layer.name)
                 pad = getattr(m, "padding_idx", None)
